@@ -1,0 +1,170 @@
+"""Batched embedding of image files: decoding in worker processes overlaps the model's compute."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import torch
+
+from reid.images import decode_image, preprocess
+from reid.errors import ReidError
+from reid.runtime import prepare_torch
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class EmbedResult:
+    """Embeddings of the files that decoded, in input order, and the reasons the others did not."""
+
+    features: np.ndarray  # float32 [n_ok, D], L2-normalised rows
+    paths: list[Path]
+    index: np.ndarray  # int64 [n_ok]: positions of ``paths`` in the input list
+    failures: list[tuple[Path, str]] = field(default_factory=list)
+
+
+class _Crops(torch.utils.data.Dataset):
+    """Decodes one file per item; a failure is returned as a value so a batch never dies of one bad file."""
+
+    def __init__(self, paths: Sequence[Path], size: tuple[int, int]):
+        self.paths = list(paths)
+        self.size = size
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        try:
+            return i, preprocess(decode_image(self.paths[i]), self.size), None
+        except ReidError as e:
+            return i, None, str(e)
+        except Exception as e:  # noqa: BLE001 - a decoder crash on one file must not stop the run
+            return i, None, f"{self.paths[i]}: {type(e).__name__}: {e}"
+
+
+def _collate(items):
+    ok = [(i, x) for i, x, _ in items if x is not None]
+    failed = [(i, reason) for i, x, reason in items if x is None]
+    idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
+    batch = torch.from_numpy(np.stack([x for _, x in ok])) if ok else None
+    return idx, batch, failed
+
+
+def _worker_init(_worker_id: int) -> None:
+    # Decoding is single-image work; threads inside each worker only fight the model for cores.
+    torch.set_num_threads(1)
+    import cv2
+
+    cv2.setNumThreads(1)
+
+
+def model_input_size(model: torch.nn.Module) -> tuple[int, int]:
+    """The (H, W) a model expects, from its config when it has one (256x128 otherwise)."""
+    config = getattr(model, "config", None)
+    return tuple(getattr(config, "input_size", (256, 128)))
+
+
+def inference_context(model: torch.nn.Module, device: torch.device):
+    """Autocast for inference: fp16 on CUDA; on CPU whatever the model declares safe (else fp32)."""
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    dtype = getattr(model, "cpu_inference_dtype", None)
+    if dtype is not None and dtype != torch.float32:
+        return torch.autocast("cpu", dtype=dtype)
+    return contextlib.nullcontext()
+
+
+@torch.inference_mode()
+def _run(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, flip: bool) -> torch.Tensor:
+    x = batch.to(device, non_blocking=True)
+    with inference_context(model, device):
+        feats = model(x).float()
+        if flip:
+            feats = feats + model(x.flip(3)).float()
+    return torch.nn.functional.normalize(feats, dim=1)
+
+
+def _prepare(model: torch.nn.Module, device: torch.device | None) -> torch.device:
+    prepare_torch()
+    if device is None:
+        device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    model.to(device).eval()
+    return device
+
+
+def embed_arrays(
+    model: torch.nn.Module,
+    images: np.ndarray | torch.Tensor,
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    flip: bool = False,
+) -> np.ndarray:
+    """Embed preprocessed images (float [N,3,H,W] in [0,1]) -> float32 [N, D] L2-normalised."""
+    device = _prepare(model, device)
+    images = torch.as_tensor(images, dtype=torch.float32)
+    out = [_run(model, images[s : s + batch_size], device, flip).cpu() for s in range(0, len(images), batch_size)]
+    dim = getattr(model, "embed_dim", 0)
+    return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
+
+
+def embed_paths(
+    model: torch.nn.Module,
+    paths: Sequence[str | os.PathLike],
+    *,
+    batch_size: int = 32,
+    workers: int = 2,
+    device: torch.device | None = None,
+    progress: Callable[[int], None] | None = None,
+    flip: bool = False,
+    on_batch: Callable[[list[Path], np.ndarray, list[tuple[Path, str]]], None] | None = None,
+) -> EmbedResult:
+    """Decode (in ``workers`` processes) and embed ``paths`` in batches; bad files become ``failures``.
+
+    ``progress(n)`` is called with the number of images handled in each batch. ``on_batch(paths,
+    features, failures)`` sees every batch as soon as it is embedded, so callers can persist work
+    incrementally (an interrupted run then loses at most one batch).
+    """
+    paths = [Path(p) for p in paths]
+    device = _prepare(model, device)
+    loader = torch.utils.data.DataLoader(
+        _Crops(paths, model_input_size(model)),
+        batch_size=batch_size,
+        num_workers=workers,
+        collate_fn=_collate,
+        worker_init_fn=_worker_init if workers > 0 else None,
+        pin_memory=device.type == "cuda",
+        prefetch_factor=4 if workers > 0 else None,
+    )
+    feats: list[np.ndarray] = []
+    index: list[np.ndarray] = []
+    failures: list[tuple[Path, str]] = []
+    for idx, batch, failed in loader:
+        batch_failures = [(paths[i], reason) for i, reason in failed]
+        for path, reason in batch_failures:
+            log.warning("skipped %s", reason)
+        failures.extend(batch_failures)
+        f = _run(model, batch, device, flip).cpu().numpy() if batch is not None else None
+        if f is not None:
+            feats.append(f)
+            index.append(idx.numpy())
+        if on_batch is not None:
+            dim = getattr(model, "embed_dim", 0)
+            on_batch([paths[i] for i in idx.tolist()], f if f is not None else np.zeros((0, dim), np.float32),
+                     batch_failures)
+        if progress is not None:
+            progress(len(idx) + len(failed))
+    dim = getattr(model, "embed_dim", 0)
+    index_arr = np.concatenate(index) if index else np.zeros(0, np.int64)
+    return EmbedResult(
+        features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
+        paths=[paths[i] for i in index_arr.tolist()],
+        index=index_arr,
+        failures=failures,
+    )

@@ -1,0 +1,70 @@
+import cv2
+import numpy as np
+import pytest
+import torch
+
+from reid.embed import embed_arrays, embed_paths
+
+
+class PoolNet(torch.nn.Module):
+    """A tiny stand-in embedder: per-channel means of a 2x2 pooled grid, L2-normalised."""
+
+    embed_dim = 12
+
+    def forward(self, x):
+        f = torch.nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
+        return torch.nn.functional.normalize(f + 1e-3, dim=1)
+
+
+def _gallery(tmp_path, n=7):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i in range(n):
+        p = tmp_path / f"{i:02d}.png"
+        cv2.imwrite(str(p), rng.integers(0, 255, (40, 20, 3), dtype=np.uint8))
+        paths.append(p)
+    return paths
+
+
+@pytest.mark.parametrize("workers", [0, 2])
+def test_embed_paths_keeps_order_and_reports_failures(tmp_path, workers):
+    paths = _gallery(tmp_path)
+    bad = tmp_path / "bad.jpg"
+    bad.write_bytes(b"not an image")
+    paths.insert(3, bad)
+    seen = []
+    res = embed_paths(PoolNet(), paths, batch_size=3, workers=workers, progress=seen.append)
+    assert sum(seen) == len(paths)
+    assert res.features.shape == (7, 12) and res.features.dtype == np.float32
+    assert np.allclose(np.linalg.norm(res.features, axis=1), 1, atol=1e-5)
+    assert res.paths == [p for p in paths if p != bad]
+    assert res.index.tolist() == [0, 1, 2, 4, 5, 6, 7]
+    assert len(res.failures) == 1 and res.failures[0][0] == bad and "not a decodable image" in res.failures[0][1]
+
+
+def test_embed_paths_equals_embed_arrays_and_streams_batches(tmp_path):
+    from reid.images import decode_image, preprocess
+
+    paths = _gallery(tmp_path, 5)
+    batches = []
+    res = embed_paths(PoolNet(), paths, batch_size=2, workers=0, on_batch=lambda p, f, e: batches.append((p, f)))
+    assert [len(p) for p, _ in batches] == [2, 2, 1]
+    direct = embed_arrays(PoolNet(), np.stack([preprocess(decode_image(p)) for p in paths]))
+    assert np.allclose(res.features, direct, atol=1e-6)
+    assert np.allclose(np.concatenate([f for _, f in batches]), direct, atol=1e-6)
+
+
+def test_flip_averages_both_orientations():
+    x = torch.rand(2, 3, 8, 4)
+    model = PoolNet()
+    flipped = embed_arrays(model, x, flip=True)
+    expected = torch.nn.functional.normalize(model(x) + model(x.flip(3)), dim=1).numpy()
+    assert np.allclose(flipped, expected, atol=1e-6)
+    assert not np.allclose(flipped, embed_arrays(model, x), atol=1e-4)
+
+
+def test_all_failures_gives_empty_features(tmp_path):
+    bad = tmp_path / "x.png"
+    bad.write_bytes(b"")
+    res = embed_paths(PoolNet(), [bad], workers=0)
+    assert res.features.shape == (0, 12) and res.paths == [] and len(res.failures) == 1
