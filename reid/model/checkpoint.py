@@ -1,0 +1,150 @@
+"""Checkpoints without pickle: a folder (config.json + model.safetensors) or a tensors-only ``.pt`` file.
+
+``.pt`` files are read only with ``torch.load(weights_only=True)``, which refuses any pickled object
+that is not a tensor or a plain container, so a checkpoint cannot run code when it is opened.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import pickle  # only for its exception type: nothing here unpickles
+from pathlib import Path
+
+import torch
+
+from reid.errors import CheckpointError
+from reid.model.net import AttentionBilinearNet, ModelConfig, build_model
+
+log = logging.getLogger(__name__)
+
+CONFIG_NAME = "config.json"
+WEIGHTS_NAME = "model.safetensors"
+FORMAT = "reid-attention-bilinear"
+FORMAT_VERSION = 1
+
+
+def _state_dict(model: AttentionBilinearNet) -> dict[str, torch.Tensor]:
+    """Contiguous CPU copies of every tensor (safetensors wants contiguous, unshared storage)."""
+    return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
+
+
+def _replace_atomically(tmp: Path, final: Path) -> None:
+    with open(tmp, "rb") as fh:
+        os.fsync(fh.fileno())
+    os.replace(tmp, final)
+
+
+def save_checkpoint(model: AttentionBilinearNet, path: str | os.PathLike) -> Path:
+    """Save to a folder (config.json + model.safetensors) or, for a path ending in .pt, one tensors-only file."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    config = model.config.to_dict()
+    state = _state_dict(model)
+    if path.suffix == ".pt":
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.name + ".tmp")
+        torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": config, "state_dict": state}, tmp)
+        _replace_atomically(tmp, path)
+    else:
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / (WEIGHTS_NAME + ".tmp")
+        save_file(state, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        _replace_atomically(tmp, path / WEIGHTS_NAME)
+        tmp = path / (CONFIG_NAME + ".tmp")
+        tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "config": config}, indent=2) + "\n")
+        _replace_atomically(tmp, path / CONFIG_NAME)
+    log.info("saved checkpoint %s", path)
+    return path
+
+
+def _read_pt(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise CheckpointError(
+            f"refused to load {path}: it holds pickled objects other than tensors and plain containers "
+            f"(an untrusted or foreign checkpoint); only reid checkpoints can be loaded"
+        ) from e
+    except Exception as e:
+        raise CheckpointError(f"cannot read checkpoint {path} (corrupt or not a torch file): {e}") from e
+    if not isinstance(payload, dict) or "config" not in payload or "state_dict" not in payload:
+        raise CheckpointError(f"{path} is not a reid checkpoint: expected a dict with 'config' and 'state_dict'")
+    if not isinstance(payload["config"], dict) or not isinstance(payload["state_dict"], dict):
+        raise CheckpointError(f"{path} is not a reid checkpoint: 'config' and 'state_dict' must be dicts")
+    return payload["config"], payload["state_dict"]
+
+
+def _read_folder(folder: Path, weights: Path) -> tuple[dict, dict[str, torch.Tensor]]:
+    from safetensors import SafetensorsError
+    from safetensors.torch import load_file
+
+    config_path = folder / CONFIG_NAME
+    if not config_path.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {CONFIG_NAME}; expected {CONFIG_NAME} + {WEIGHTS_NAME}")
+    if not weights.is_file():
+        raise CheckpointError(f"checkpoint {folder} has no {weights.name}; expected {CONFIG_NAME} + {WEIGHTS_NAME}")
+    try:
+        doc = json.loads(config_path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise CheckpointError(f"cannot read {config_path}: {e}") from e
+    config = doc.get("config") if isinstance(doc, dict) and "config" in doc else doc
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{config_path} does not hold a model config object")
+    try:
+        state = load_file(str(weights))
+    except (SafetensorsError, OSError, ValueError) as e:
+        raise CheckpointError(f"cannot read {weights} (corrupt or truncated safetensors file): {e}") from e
+    return config, state
+
+
+def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> AttentionBilinearNet:
+    """Load a checkpoint saved by save_checkpoint (folder, its model.safetensors, or .pt) in eval mode."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass a folder with {CONFIG_NAME} + {WEIGHTS_NAME} or a .pt file")
+    if path.is_dir():
+        raw_config, state = _read_folder(path, path / WEIGHTS_NAME)
+    elif path.suffix == ".safetensors":
+        raw_config, state = _read_folder(path.parent, path)
+    else:
+        raw_config, state = _read_pt(path)
+    try:
+        config = ModelConfig.from_dict(raw_config)
+    except (TypeError, ValueError) as e:
+        raise CheckpointError(f"checkpoint {path} has an incompatible model config: {e}") from e
+    model = build_model(config, pretrained=False)
+    bad = [k for k, v in state.items() if not isinstance(v, torch.Tensor)]
+    if bad:
+        raise CheckpointError(f"checkpoint {path} holds non-tensor entries in its weights: {bad[:3]}")
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config: {len(missing)} missing weights {missing[:3]}, "
+            f"{len(unexpected)} unexpected {unexpected[:3]}"
+        )
+    shapes = [k for k in expected if tuple(expected[k].shape) != tuple(state[k].shape)]
+    if shapes:
+        k = shapes[0]
+        raise CheckpointError(
+            f"checkpoint {path} does not match its config: {k} has shape {tuple(state[k].shape)}, "
+            f"the config builds {tuple(expected[k].shape)} ({len(shapes)} mismatched tensors)"
+        )
+    model.load_state_dict(state, strict=True)
+    return model.to(map_location).eval()
+
+
+def model_fingerprint(model: AttentionBilinearNet) -> str:
+    """'abn-' + 16 hex of sha256 over the config JSON and every tensor in key order; changes with either."""
+    h = hashlib.sha256()
+    h.update(json.dumps(model.config.to_dict(), sort_keys=True).encode())
+    for key, value in sorted(model.state_dict().items()):
+        t = value.detach().to("cpu").contiguous()
+        h.update(f"\n{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return "abn-" + h.hexdigest()[:16]

@@ -1,0 +1,240 @@
+"""AttentionBilinearNet: our reconstruction of Wu & Wang 2017, "Where to Focus: Deep Attention-based
+Spatially Recurrent Bilinear Networks for Fine-Grained Visual Recognition" (arXiv 1709.05769).
+
+The paper gives the architecture only in outline, so every size below is our choice (a config field):
+two CNN streams (MobileNetV2, EfficientNet-Lite0) -> per-location bilinear pooling -> 2-D spatial LSTM
+(two scan directions) -> soft attention over locations (K glimpses) -> linear -> BatchNorm1d (BNNeck).
+``forward`` returns L2-normalised embeddings; ``forward_train`` adds the pre-BN feature and logits.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import logging
+from dataclasses import dataclass
+from typing import Any, Iterator, NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from reid.model.attention import LocationAttention
+from reid.model.bilinear import LocalBilinear
+from reid.model.spatial_lstm import SpatialLSTM2d
+from reid.model.streams import StreamA, StreamB, grid_size
+
+log = logging.getLogger(__name__)
+
+ARCH = "attention-bilinear-v1"
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Every architectural choice of AttentionBilinearNet; saved as JSON beside the weights."""
+
+    arch: str = ARCH
+    input_size: tuple[int, int] = (256, 128)  # (H, W) of the crops the model is built for
+    stream_a: str = "mobilenet_v2"
+    stream_b: str = "efficientnet_lite0"
+    output_stride: int = 16  # 16 = last stride set to 1 (16x8 grid at 256x128); 32 = as in ImageNet
+    c_a: int = 32  # stream A channels after the 1x1 reduction
+    c_b: int = 32  # stream B channels after the 1x1 reduction
+    d_x: int = 256  # local bilinear feature after the shared projection (LSTM input)
+    d_h: int = 128  # spatial LSTM hidden size per scan direction
+    lstm_directions: int = 2
+    d_att: int = 128  # attention hidden size
+    num_glimpses: int = 2  # K
+    embed_dim: int = 512  # D
+    num_classes: int = 0  # identities of the training classifier; 0 = none
+    seed: int = 0  # seeds the head's initialisation (and the streams' when not pretrained)
+
+    def __post_init__(self) -> None:
+        if self.arch != ARCH:
+            raise ValueError(f"unknown architecture {self.arch!r}; this version builds {ARCH!r}")
+        if self.stream_a != "mobilenet_v2" or self.stream_b != "efficientnet_lite0":
+            raise ValueError("supported streams: stream_a='mobilenet_v2', stream_b='efficientnet_lite0'")
+        if self.output_stride not in (16, 32):
+            raise ValueError(f"output_stride must be 16 or 32, not {self.output_stride}")
+        if len(self.input_size) != 2 or min(self.input_size) < self.output_stride:
+            raise ValueError(f"input_size must be (H, W), each at least {self.output_stride}")
+        for name in ("c_a", "c_b", "d_x", "d_h", "d_att", "num_glimpses", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.lstm_directions not in (1, 2):
+            raise ValueError("lstm_directions must be 1 or 2")
+        if self.num_classes < 0:
+            raise ValueError("num_classes must be >= 0")
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(Gh, Gw) of the local-feature grid at input_size."""
+        return grid_size(self.input_size, self.output_stride)
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able dict (tuples become lists)."""
+        d = dataclasses.asdict(self)
+        d["input_size"] = list(self.input_size)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+        """Inverse of to_dict; ValueError on unknown fields or invalid values."""
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
+        d = dict(d)
+        if "input_size" in d:
+            d["input_size"] = tuple(int(v) for v in d["input_size"])
+        return cls(**d)
+
+    def replace(self, **changes: Any) -> "ModelConfig":
+        """A copy with some fields changed (e.g. num_classes for training)."""
+        return dataclasses.replace(self, **changes)
+
+
+class TrainOutput(NamedTuple):
+    """What training needs from one forward pass."""
+
+    features: torch.Tensor  # [B, D] pre-BN feature (triplet loss)
+    logits: torch.Tensor | None  # [B, num_classes], or None when num_classes == 0
+    attention: torch.Tensor  # [B, K, Gh, Gw], each map sums to 1
+
+
+def native_bf16_cpu() -> bool:
+    """True when this CPU runs bf16 matmuls/convs natively (AMX or AVX512-BF16 through oneDNN)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+class AttentionBilinearNet(nn.Module):
+    """Two CNN streams -> per-location bilinear -> 2-D spatial LSTM -> attention -> BNNeck embedding."""
+
+    def __init__(self, config: ModelConfig, *, pretrained: bool = True) -> None:
+        super().__init__()
+        self.config = config
+        self.stream_a = StreamA(output_stride=config.output_stride, pretrained=pretrained)
+        self.stream_b = StreamB(output_stride=config.output_stride, pretrained=pretrained)
+        self.bilinear = LocalBilinear(self.stream_a.out_channels, self.stream_b.out_channels,
+                                      c_a=config.c_a, c_b=config.c_b, d_x=config.d_x)
+        self.lstm = SpatialLSTM2d(config.d_x, config.d_h, directions=config.lstm_directions)
+        self.attention = LocationAttention(config.d_x, self.lstm.out_dim, d_att=config.d_att,
+                                           glimpses=config.num_glimpses)
+        self.fc = nn.Linear(config.num_glimpses * self.lstm.out_dim, config.embed_dim)
+        self.bnneck = nn.BatchNorm1d(config.embed_dim)
+        self.bnneck.bias.requires_grad_(False)  # BNNeck: no shift, so the BN output stays centred
+        self.classifier = nn.Linear(config.embed_dim, config.num_classes, bias=False) if config.num_classes else None
+        self.precision = "fp32"
+        self.channels_last = True
+
+    @property
+    def embed_dim(self) -> int:
+        """D, the length of an embedding."""
+        return self.config.embed_dim
+
+    def init_head(self, generator: torch.Generator) -> None:
+        """Initialise everything after the streams from a seeded generator (same weights in every process)."""
+        with torch.no_grad():
+            for m in self.head_modules():
+                if isinstance(m, nn.Conv2d):
+                    nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu", generator=generator)
+                elif isinstance(m, nn.Linear):
+                    if m is self.classifier:
+                        nn.init.normal_(m.weight, std=0.001, generator=generator)
+                    elif m is self.fc:
+                        nn.init.kaiming_normal_(m.weight, mode="fan_out", generator=generator)
+                    else:
+                        nn.init.xavier_uniform_(m.weight, generator=generator)
+                    if m.bias is not None:
+                        m.bias.zero_()
+                elif isinstance(m, (nn.BatchNorm1d, nn.BatchNorm2d)):
+                    m.reset_running_stats()
+                    m.weight.fill_(1.0)
+                    m.bias.zero_()
+                elif isinstance(m, SpatialLSTM2d):
+                    m.reset_parameters(generator)
+
+    def head_modules(self) -> Iterator[nn.Module]:
+        """Every module after the two streams."""
+        for part in (self.bilinear, self.lstm, self.attention, self.fc, self.bnneck, self.classifier):
+            if part is not None:
+                yield from part.modules()
+
+    def backbone_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters of the two CNN streams (to freeze them or give them their own learning rate)."""
+        yield from self.stream_a.parameters()
+        yield from self.stream_b.parameters()
+
+    def head_parameters(self) -> Iterator[nn.Parameter]:
+        """Parameters after the streams: bilinear, LSTM, attention, embedding, BNNeck, classifier."""
+        backbone = {id(p) for p in self.backbone_parameters()}
+        return (p for p in self.parameters() if id(p) not in backbone)
+
+    def set_precision(self, precision: str) -> "AttentionBilinearNet":
+        """Inference precision of the CNN streams in eval mode: auto (bf16 where native), fp32, bf16, fp16."""
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        self.precision = precision
+        return self
+
+    def _stream_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
+        """Autocast for the streams at inference: only in eval mode, and in fp32 unless asked or auto-chosen."""
+        p = self.precision
+        if self.training or p == "fp32":
+            return contextlib.nullcontext()
+        if p == "auto":
+            if device.type == "cuda":
+                p = "fp16"
+            elif device.type == "cpu" and native_bf16_cpu():
+                p = "bf16"
+            else:
+                return contextlib.nullcontext()
+        dtype = torch.bfloat16 if p == "bf16" else torch.float16
+        return torch.autocast(device.type, dtype=dtype)
+
+    def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Pre-BN feature [B,D] and attention [B,K,Gh,Gw] of a batch of RGB crops in [0, 1]."""
+        if x.dim() != 4 or x.shape[1] != 3:
+            raise ValueError(f"expected a batch [B,3,H,W], got {tuple(x.shape)}")
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with self._stream_autocast(x.device):
+            local = self.bilinear(self.stream_a(x), self.stream_b(x))  # [B,Gh,Gw,d_x]
+        local = local.float()
+        b, gh, gw, _ = local.shape
+        with torch.autocast(x.device.type, enabled=False):
+            states = self.lstm(local)  # [B,Gh,Gw,dirs*d_h]
+            z, alpha = self.attention(local.view(b, gh * gw, -1), states.view(b, gh * gw, -1))
+            f = self.fc(z)
+        return f, alpha.view(b, -1, gh, gw)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """x [B,3,H,W] RGB in [0, 1] -> [B, D] L2-normalised embeddings (the BNNeck output)."""
+        f, _ = self._features(x)
+        return F.normalize(self.bnneck(f), dim=1)
+
+    def forward_train(self, x: torch.Tensor) -> TrainOutput:
+        """Pre-BN features (triplet), identity logits (None without a classifier) and attention maps."""
+        f, alpha = self._features(x)
+        logits = self.classifier(self.bnneck(f)) if self.classifier is not None else None
+        return TrainOutput(features=f, logits=logits, attention=alpha)
+
+    def attention_maps(self, x: torch.Tensor) -> torch.Tensor:
+        """Attention over grid locations [B,K,Gh,Gw]; each map sums to 1."""
+        return self._features(x)[1]
+
+
+def build_model(config: ModelConfig | None = None, pretrained: bool = True) -> AttentionBilinearNet:
+    """Build the network in eval mode; streams from packaged ImageNet weights, head seeded by config.seed."""
+    config = config or ModelConfig()
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(config.seed)  # the streams' own init when not pretrained
+        model = AttentionBilinearNet(config, pretrained=pretrained)
+    model.init_head(torch.Generator().manual_seed(config.seed))
+    model = model.to(memory_format=torch.channels_last)
+    log.debug("built %s grid=%s pretrained=%s", config.arch, config.grid, pretrained)
+    return model.eval()
