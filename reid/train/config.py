@@ -1,0 +1,85 @@
+"""Training settings: the frozen TrainConfig saved with every run, and precision selection."""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from reid.errors import InputError
+from reid.train.schedule import SCHEDULES
+
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a training trajectory (saved in ``train.json`` and checked on resume)."""
+
+    epochs: int = 60
+    batch_p: int = 16
+    batch_k: int = 4
+    lr: float = 3.5e-4
+    backbone_lr_mult: float = 0.1
+    weight_decay: float = 5e-4
+    schedule: str = "cosine"
+    warmup_epochs: int = 5
+    warmup_factor: float = 0.01
+    milestones: tuple[int, ...] = (40, 70)
+    gamma: float = 0.1
+    min_lr_factor: float = 0.01
+    freeze_backbone_epochs: int = 0
+    margin: float = 0.3
+    label_smoothing: float = 0.1
+    ce_weight: float = 1.0
+    triplet_weight: float = 1.0
+    attention_entropy_weight: float = 0.0
+    erase_p: float = 0.5
+    flip_p: float = 0.5
+    seed: int = 0
+    eval_every: int = 10
+    precision: str = "auto"
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1:
+            raise InputError(f"--epochs must be at least 1 (got {self.epochs})")
+        if self.lr <= 0:
+            raise InputError(f"--lr must be positive (got {self.lr})")
+        if self.schedule not in SCHEDULES:
+            raise InputError(f"unknown --schedule {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}")
+        if self.precision not in PRECISIONS:
+            raise InputError(f"unknown --precision {self.precision!r}; expected one of: {', '.join(PRECISIONS)}")
+        if self.eval_every < 0:
+            raise InputError("--eval-every must be >= 0 (0 = never evaluate)")
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready dict."""
+        d = dataclasses.asdict(self)
+        d["milestones"] = list(self.milestones)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> TrainConfig:
+        """Inverse of ``to_dict``; unknown keys are ignored (written by a newer version)."""
+        names = {f.name for f in dataclasses.fields(cls)}
+        kw = {k: v for k, v in d.items() if k in names}
+        if "milestones" in kw:
+            kw["milestones"] = tuple(int(m) for m in kw["milestones"])
+        return cls(**kw)
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
+
+
+def resolve_precision(name: str, device: torch.device) -> str:
+    """``auto`` -> bf16 on CUDA with bf16, else fp16 (with a grad scaler); fp32 on CPU (see DESIGN notes)."""
+    if name == "fp16" and device.type != "cuda":
+        raise InputError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
+    if name != "auto":
+        return name
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "fp32"
