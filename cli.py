@@ -59,6 +59,48 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detail
 
 # --- model (issue 2) --------------------------------------------------------------------------
 
+
+@command("model")
+def model_cmd(
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (folder or .pt); default: pretrained model."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Describe the network: streams, grid, sizes, parameters, FLOPs per image, fingerprint."""
+    import json
+
+    from reid.model import build_model, load_checkpoint
+    from reid.model.summary import model_summary
+    from reid.runtime import prepare_torch
+
+    prepare_torch()
+    model = load_checkpoint(weights) if weights is not None else build_model()
+    info = model_summary(model)
+    info["weights"] = str(weights) if weights is not None else "packaged ImageNet streams + seeded head"
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    from rich.table import Table
+
+    d, p, f = info["dims"], info["parameters"], info["flops_per_image"]
+    table = Table(title="AttentionBilinearNet", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("weights", info["weights"])
+    table.add_row("fingerprint", info["fingerprint"])
+    table.add_row("stream A", info["streams"]["a"])
+    table.add_row("stream B", info["streams"]["b"])
+    table.add_row("input (H x W)", "{} x {}".format(*info["input_size"]))
+    table.add_row("grid", "{} x {} (output stride {})".format(*info["grid"], info["output_stride"]))
+    table.add_row("bilinear", f"{d['c_a']} x {d['c_b']} = {d['bilinear']} -> d_x {d['d_x']}")
+    table.add_row("spatial LSTM", f"{d['lstm_directions']} directions x d_h {d['d_h']}")
+    table.add_row("attention", f"{d['glimpses']} glimpses, hidden {d['d_att']}")
+    table.add_row("embedding", f"{d['embed_dim']} (BNNeck, L2-normalised)")
+    table.add_row("classifier", f"{d['num_classes']} identities" if d["num_classes"] else "none")
+    table.add_row("parameters", f"{p['total'] / 1e6:.2f} M (streams {p['backbone'] / 1e6:.2f} M, head {p['head'] / 1e6:.2f} M)")
+    table.add_row("FLOPs / image", f"{f['total'] / 1e9:.2f} G (streams {f['streams'] / 1e9:.2f} G, head {f['head'] / 1e9:.2f} G)")
+    table.add_row("inference precision", info["precision"])
+    out.print(table)
+
 # --- index / query / info / demo (issue 4) ----------------------------------------------------
 
 # --- evaluate (issue 6) -----------------------------------------------------------------------

@@ -23,6 +23,6 @@ class LocationAttention(nn.Module):
     def forward(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Attention-pooled states z [B,K*d_h] and the weights alpha [B,K,L] (each row sums to 1)."""
         e = self.score(torch.tanh(self.proj_x(x) + self.proj_h(h)))  # [B,L,K]
-        alpha = torch.softmax(e.float(), dim=1).transpose(1, 2)  # [B,K,L]
+        alpha = torch.softmax(e, dim=1, dtype=torch.promote_types(e.dtype, torch.float32)).transpose(1, 2)  # [B,K,L]
         z = torch.bmm(alpha.to(h.dtype), h)  # [B,K,d_h]
         return z.flatten(1), alpha

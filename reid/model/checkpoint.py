@@ -79,7 +79,7 @@ def _read_pt(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:
 
 
 def _read_folder(folder: Path, weights: Path) -> tuple[dict, dict[str, torch.Tensor]]:
-    from safetensors import SafetensorsError
+    from safetensors import SafetensorError
     from safetensors.torch import load_file
 
     config_path = folder / CONFIG_NAME
@@ -96,7 +96,7 @@ def _read_folder(folder: Path, weights: Path) -> tuple[dict, dict[str, torch.Ten
         raise CheckpointError(f"{config_path} does not hold a model config object")
     try:
         state = load_file(str(weights))
-    except (SafetensorsError, OSError, ValueError) as e:
+    except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"cannot read {weights} (corrupt or truncated safetensors file): {e}") from e
     return config, state
 
