@@ -124,6 +124,7 @@ def evaluate_cmd(
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the CMC curve (ranks 1-50) to this picture."),
     ranks: Optional[Path] = typer.Option(None, "--ranks", help="Write the top-10 of sampled queries to this picture."),
     ranks_queries: int = typer.Option(8, "--ranks-queries", min=1, help="Queries shown in --ranks."),
+    attention: bool = typer.Option(False, "--attention", help="Overlay the model's attention on the --ranks crops."),
     save_features: Optional[Path] = typer.Option(None, "--save-features", help="Write features, ids and paths (.npz)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of CUHK03 classic sampling and of the --ranks queries."),
@@ -135,12 +136,15 @@ def evaluate_cmd(
 
     from reid import evaluate as ev_mod
     from reid import viz
+    from reid.errors import InputError
 
     for picture in (plot, ranks):
         if picture is not None:
             viz.check_picture_path(picture)
     if save_features is not None:
         ev_mod.check_features_path(save_features)
+    if attention and ranks is None:
+        raise InputError("--attention draws on the --ranks picture; add --ranks FILE")
 
     with Progress("embedding", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
                   transient=True, disable=not err.is_terminal) as bar:
@@ -159,7 +163,7 @@ def evaluate_cmd(
         viz.save_image(plot, viz.plot_cmc({rep["weights"] if len(rep["weights"]) < 28 else "model": ev.cmc}, title=title))
         err.print(f"CMC curve written to {plot}")
     if ranks is not None:
-        viz.save_image(ranks, ev_mod.rank_picture(ev, num_queries=ranks_queries, seed=seed))
+        viz.save_image(ranks, ev_mod.rank_picture(ev, num_queries=ranks_queries, seed=seed, attention=attention))
         err.print(f"rank lists written to {ranks}")
 
     if as_json:

@@ -237,6 +237,7 @@ class Evaluation:
     splits: list[int] | None
     cmc: np.ndarray
     distmat: np.ndarray | None = None  # re-ranked distances of sets[0], when re-ranking
+    model: object = None  # the evaluated model (for attention pictures)
 
 
 def load_datasets(name: str, root: str | Path, *, variant: str | None = None, protocol: str | None = None,
@@ -393,12 +394,13 @@ def evaluate(
     log.info("evaluated %s in %.1f s (embedding %.1f s, metrics %.1f s, cache %s)", name, timings["total_s"],
              timings["embed_s"], timings["metric_s"], cache)
     cmc = np.mean([np.asarray(r.cmc, dtype=np.float64) for r in results], axis=0)
-    return Evaluation(report, sets, [k for k, _ in datasets] if classic else None, cmc, distmat)
+    return Evaluation(report, sets, [k for k, _ in datasets] if classic else None, cmc, distmat, model)
 
 
-def rank_picture(ev: Evaluation, *, num_queries: int = 8, top: int = 10, seed: int = 0) -> np.ndarray:
-    """Top-``top`` lists of ``num_queries`` queries sampled (seeded) from the first evaluated split."""
-    from reid.viz import draw_rank_lists
+def rank_picture(ev: Evaluation, *, num_queries: int = 8, top: int = 10, seed: int = 0,
+                 attention: bool = False) -> np.ndarray:
+    """Top-``top`` lists of ``num_queries`` queries sampled (seeded) from the first split; optional attention overlays."""
+    from reid.viz import attention_painter, draw_rank_lists
 
     fs = ev.sets[0]
     rng = np.random.default_rng(seed)
@@ -410,4 +412,5 @@ def rank_picture(ev: Evaluation, *, num_queries: int = 8, top: int = 10, seed: i
 
         dist = cosine_distance(fs.query_features[sel], fs.gallery_features)
     return draw_rank_lists([fs.query_paths[i] for i in sel], fs.gallery_paths, fs.query_pids[sel], fs.gallery_pids,
-                           fs.query_camids[sel], fs.gallery_camids, dist, top=top)
+                           fs.query_camids[sel], fs.gallery_camids, dist, top=top,
+                           paint=attention_painter(ev.model) if attention else None)

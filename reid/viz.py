@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping, Sequence
+from typing import Callable, Mapping, Sequence
 
 import cv2
 import numpy as np
@@ -276,6 +276,25 @@ def attention_overlay(image_rgb: np.ndarray, attention_map: np.ndarray, *, alpha
     return cv2.addWeighted(img, 1.0 - alpha, heat, alpha, 0)
 
 
+def attention_painter(model) -> Callable[[np.ndarray], np.ndarray]:
+    """A function overlaying ``model``'s attention (``model.attention_maps``, glimpses averaged) on an RGB crop."""
+    import torch
+
+    from reid.embed import model_input_size
+    from reid.images import preprocess
+
+    size = model_input_size(model)
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+
+    def paint(image_rgb: np.ndarray) -> np.ndarray:
+        x = torch.from_numpy(preprocess(_as_rgb_uint8(image_rgb), size))[None].to(device)
+        with torch.inference_mode():
+            att = model.attention_maps(x)[0].float().cpu().numpy()
+        return attention_overlay(image_rgb, att)
+
+    return paint
+
+
 # --- evaluation rank lists ---------------------------------------------------------------------
 
 
@@ -290,13 +309,19 @@ def draw_rank_lists(
     *,
     top: int = 10,
     size: tuple[int, int] = (128, 64),
+    paint: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> np.ndarray:
     """Top-``top`` gallery crops of each query (rows of ``distances``, smaller = closer) as one picture.
 
     Borders: green = same identity from another camera, red = another identity, grey and crossed =
-    junk (same identity and same camera, or identity -1), which the metrics ignore.
+    junk (same identity and same camera, or identity -1), which the metrics ignore. ``paint`` (e.g.
+    ``attention_painter(model)``) is applied to every crop before it is tiled.
     """
     from reid.images import decode_image
+
+    def crop(path: str | Path) -> np.ndarray:
+        img = decode_image(path)
+        return paint(img) if paint is not None else img
 
     distances = np.asarray(distances)
     if distances.shape != (len(query_paths), len(gallery_paths)):
@@ -312,7 +337,7 @@ def draw_rank_lists(
                 status = "junk"
             else:
                 status = "match" if same_pid else "mismatch"
-            items.append(RankedItem(decode_image(gallery_paths[gi]), status, f"{rank}: {distances[qi, gi]:.3f}"))
+            items.append(RankedItem(crop(gallery_paths[gi]), status, f"{rank}: {distances[qi, gi]:.3f}"))
         caption = f"id {int(q_pids[qi])} c{int(q_camids[qi])}"
-        rows.append(rank_strip(decode_image(qpath), items, size=size, query_caption=caption, slots=top))
+        rows.append(rank_strip(crop(qpath), items, size=size, query_caption=caption, slots=top))
     return stack_rows(rows)

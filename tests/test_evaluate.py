@@ -108,6 +108,13 @@ def test_market_json_equals_metrics_from_saved_features_then_cache_hit(tmp_path,
     rr = re_rank(npz["query_features"], npz["gallery_features"])
     _assert_same(rep2, evaluate_ranking(rr, *ids, max_rank=50, ap="trapezoid"), tol=1e-5)
 
+    # Same queries and lists with the model's attention painted over every crop.
+    ranks_att = tmp_path / "ranks_att.jpg"
+    assert run_json("market1501", "--root", market, "--weights", weights, *FAST, "--ranks", ranks_att,
+                    "--ranks-queries", "3", "--attention")["cache"] == "hit"
+    att_img = cv2.imread(str(ranks_att))
+    assert att_img.shape == rank_img.shape and np.abs(att_img.astype(int) - rank_img).mean() > 5
+
 
 def test_table_output_and_flip_is_a_separate_cache_entry(market, weights, cache):
     result = run("market1501", "--root", market, "--weights", weights, *FAST)
@@ -194,6 +201,7 @@ def test_wrong_root_exits_1_with_one_line(tmp_path, weights):
         (["--ap", "median"], "--ap"),
         (["--plot", "cmc.gif"], "use one of"),
         (["--save-features", "feats.txt"], ".npz"),
+        (["--attention"], "--ranks"),
     ],
 )
 def test_bad_options_exit_1_before_any_work(market, weights, args, needle, monkeypatch):

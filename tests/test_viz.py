@@ -117,3 +117,20 @@ def test_draw_rank_lists_marks_matches_junk_and_mismatches(tmp_path):
     assert img.shape[:2] == viz.rank_grid_shape(1, 3)
     xs = [64 + viz.QUERY_GAP + i * (64 + viz.GAP) + 1 for i in range(3)]
     assert [tuple(img[1, x]) for x in xs] == [viz.STATUS_COLOURS[s] for s in ("junk", "mismatch", "match")]
+
+
+def test_attention_painter_overlays_the_models_own_map():
+    import torch
+
+    from reid.model import ModelConfig, build_model
+
+    model = build_model(ModelConfig(input_size=(64, 32), c_a=8, c_b=8, d_x=32, d_h=16, d_att=16, num_glimpses=2,
+                                    embed_dim=32), pretrained=False)
+    img = np.random.default_rng(0).integers(0, 255, (100, 40, 3), dtype=np.uint8)
+    painted = viz.attention_painter(model)(img)
+    from reid.images import preprocess
+
+    with torch.inference_mode():
+        att = model.attention_maps(torch.from_numpy(preprocess(img, (64, 32)))[None])[0].numpy()
+    assert painted.shape == img.shape and np.array_equal(painted, viz.attention_overlay(img, att))
+    assert not np.array_equal(painted, img)
