@@ -98,7 +98,6 @@ def model_cmd(
     table.add_row("classifier", f"{d['num_classes']} identities" if d["num_classes"] else "none")
     table.add_row("parameters", f"{p['total'] / 1e6:.2f} M (streams {p['backbone'] / 1e6:.2f} M, head {p['head'] / 1e6:.2f} M)")
     table.add_row("FLOPs / image", f"{f['total'] / 1e9:.2f} G (streams {f['streams'] / 1e9:.2f} G, head {f['head'] / 1e9:.2f} G)")
-    table.add_row("inference precision", info["precision"])
     out.print(table)
 
 # --- index / query / info / demo (issue 4) ----------------------------------------------------

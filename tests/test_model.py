@@ -224,11 +224,50 @@ def test_fingerprint_stable_and_sensitive(default_model):
     assert model_fingerprint(renamed) != fp
 
 
-def test_precision_option_validation():
+def test_fused_inference_equals_the_trained_layers(default_model):
+    from reid.model.fusion import ConvAct
+
+    x = torch.rand(2, 3, 256, 128)
+    with torch.no_grad():  # grad mode off but not inference mode: still the fused copy
+        fused = default_model(x)
+    with torch.enable_grad():
+        plain = default_model(x)  # gradients wanted: the trained modules themselves
+    assert torch.allclose(fused, plain.detach(), atol=1e-5)
+    with torch.inference_mode():
+        a, b, bil = default_model._front()
+    assert a is not default_model.stream_a and not any(isinstance(m, torch.nn.BatchNorm2d) for m in a.modules())
+    assert sum(isinstance(m, ConvAct) for m in a.modules()) > 30
+    assert "_folded" not in " ".join(default_model.state_dict())  # never saved
+
+
+def test_fused_copy_follows_weight_changes():
     model = build_model(SMALL, pretrained=False)
-    with pytest.raises(ValueError):
-        model.set_precision("int4")
-    assert model.set_precision("fp32") is model
+    x = torch.rand(2, 3, 64, 32)
+    with torch.inference_mode():
+        before = model(x)
+    with torch.no_grad():
+        model.stream_a.body[0][1].running_mean.add_(0.5)  # an in-place change, as an optimiser makes
+        model.bilinear.reduce_b[0].weight.mul_(-1.0)
+    with torch.inference_mode():
+        after = model(x)
+    with torch.enable_grad():
+        expected = model(x).detach()
+    assert not torch.allclose(before, after, atol=1e-4)
+    assert torch.allclose(after, expected, atol=1e-5)
+    other = build_model(SMALL.replace(seed=3), pretrained=False)
+    model.load_state_dict(other.state_dict())
+    with torch.inference_mode():
+        assert torch.allclose(model(x), other(x), atol=1e-5)
+
+
+def test_head_runs_in_float32_under_a_callers_autocast():
+    model = build_model(SMALL, pretrained=False)
+    x = torch.rand(2, 3, 64, 32)
+    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
+        emb = model(x)
+        out = model.forward_train(x)
+    assert emb.dtype == torch.float32 and out.features.dtype == torch.float32
+    assert torch.allclose(out.attention.sum(dim=(2, 3)), torch.ones(2, 3), atol=1e-5)
 
 
 def test_head_is_cheap_relative_to_streams():
@@ -236,6 +275,7 @@ def test_head_is_cheap_relative_to_streams():
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(pretrained=False)
+    model.fuse_inference = False  # FlopCounterMode sees aten convs only
     x = torch.rand(1, 3, 256, 128)
     with torch.inference_mode():
         with FlopCounterMode(display=False) as streams:

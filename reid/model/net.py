@@ -9,7 +9,6 @@ two CNN streams (MobileNetV2, EfficientNet-Lite0) -> per-location bilinear pooli
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -21,13 +20,13 @@ from torch import nn
 
 from reid.model.attention import LocationAttention
 from reid.model.bilinear import LocalBilinear
+from reid.model.fusion import fuse_for_inference, tensor_signature
 from reid.model.spatial_lstm import SpatialLSTM2d
 from reid.model.streams import StreamA, StreamB, grid_size
 
 log = logging.getLogger(__name__)
 
 ARCH = "attention-bilinear-v1"
-PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 
 
 @dataclass(frozen=True)
@@ -103,14 +102,6 @@ class TrainOutput(NamedTuple):
     attention: torch.Tensor  # [B, K, Gh, Gw], each map sums to 1
 
 
-def native_bf16_cpu() -> bool:
-    """True when this CPU runs bf16 matmuls/convs natively (AMX or AVX512-BF16 through oneDNN)."""
-    try:
-        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        return False
-
-
 class AttentionBilinearNet(nn.Module):
     """Two CNN streams -> per-location bilinear -> 2-D spatial LSTM -> attention -> BNNeck embedding."""
 
@@ -128,8 +119,24 @@ class AttentionBilinearNet(nn.Module):
         self.bnneck = nn.BatchNorm1d(config.embed_dim)
         self.bnneck.bias.requires_grad_(False)  # BNNeck: no shift, so the BN output stays centred
         self.classifier = nn.Linear(config.embed_dim, config.num_classes, bias=False) if config.num_classes else None
-        self.precision = "fp32"
         self.channels_last = True
+        self.fuse_inference = True  # at inference, run the CNN layers from a fused copy (never saved)
+        self.__dict__["_folded"] = None  # (signature, folded front); kept out of the module tree
+
+    def _front(self) -> tuple[nn.Module, nn.Module, nn.Module]:
+        """(stream_a, stream_b, bilinear): the trained modules, or their BN-folded copy at inference."""
+        if self.training or torch.is_grad_enabled() or not self.fuse_inference:
+            return self.stream_a, self.stream_b, self.bilinear
+        front = nn.ModuleDict({"a": self.stream_a, "b": self.stream_b, "bilinear": self.bilinear})
+        sig = tensor_signature(front)
+        cached = self.__dict__["_folded"]
+        if cached is None or cached[0] != sig:
+            folded = fuse_for_inference(front)
+            if self.channels_last:
+                folded = folded.to(memory_format=torch.channels_last)
+            cached = self.__dict__["_folded"] = (sig, folded)
+        f = cached[1]
+        return f["a"], f["b"], f["bilinear"]
 
     @property
     def embed_dim(self) -> int:
@@ -174,38 +181,16 @@ class AttentionBilinearNet(nn.Module):
         backbone = {id(p) for p in self.backbone_parameters()}
         return (p for p in self.parameters() if id(p) not in backbone)
 
-    def set_precision(self, precision: str) -> "AttentionBilinearNet":
-        """Inference precision of the CNN streams in eval mode: auto (bf16 where native), fp32, bf16, fp16."""
-        if precision not in PRECISIONS:
-            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
-        self.precision = precision
-        return self
-
-    def _stream_autocast(self, device: torch.device) -> contextlib.AbstractContextManager:
-        """Autocast for the streams at inference: only in eval mode, and in fp32 unless asked or auto-chosen."""
-        p = self.precision
-        if self.training or p == "fp32":
-            return contextlib.nullcontext()
-        if p == "auto":
-            if device.type == "cuda":
-                p = "fp16"
-            elif device.type == "cpu" and native_bf16_cpu():
-                p = "bf16"
-            else:
-                return contextlib.nullcontext()
-        dtype = torch.bfloat16 if p == "bf16" else torch.float16
-        return torch.autocast(device.type, dtype=dtype)
-
     def _features(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Pre-BN feature [B,D] and attention [B,K,Gh,Gw] of a batch of RGB crops in [0, 1]."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a batch [B,3,H,W], got {tuple(x.shape)}")
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        with self._stream_autocast(x.device):
-            local = self.bilinear(self.stream_a(x), self.stream_b(x))  # [B,Gh,Gw,d_x]
-        local = local.float()
+        stream_a, stream_b, bilinear = self._front()
+        local = bilinear(stream_a(x), stream_b(x)).float()  # [B,Gh,Gw,d_x]
         b, gh, gw, _ = local.shape
+        # The recurrent head always runs in float32, also under a caller's autocast (a cheap part of the cost).
         with torch.autocast(x.device.type, enabled=False):
             states = self.lstm(local)  # [B,Gh,Gw,dirs*d_h]
             z, alpha = self.attention(local.view(b, gh * gw, -1), states.view(b, gh * gw, -1))

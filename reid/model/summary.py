@@ -17,8 +17,9 @@ def count_flops(model: AttentionBilinearNet, input_size: tuple[int, int] | None 
     h, w = input_size or model.config.input_size
     device = next(model.parameters()).device
     x = torch.rand(1, 3, h, w, device=device)
-    was_training, precision = model.training, model.precision
-    model.eval().set_precision("fp32")
+    was_training, fuse = model.training, model.fuse_inference
+    model.eval()
+    model.fuse_inference = False  # count the trained layers: FlopCounterMode cannot see oneDNN's fused convs
     try:
         with torch.inference_mode():
             with FlopCounterMode(display=False) as streams:
@@ -28,7 +29,7 @@ def count_flops(model: AttentionBilinearNet, input_size: tuple[int, int] | None 
                 model(x)
     finally:
         model.train(was_training)
-        model.set_precision(precision)
+        model.fuse_inference = fuse
     s, t = streams.get_total_flops(), total.get_total_flops()
     return {"streams": int(s), "head": int(t - s), "total": int(t)}
 
@@ -55,6 +56,5 @@ def model_summary(model: AttentionBilinearNet) -> dict[str, Any]:
         },
         "parameters": {"backbone": n_backbone, "head": n_total - n_backbone, "total": n_total},
         "flops_per_image": count_flops(model),
-        "precision": model.precision,
         "config": cfg.to_dict(),
     }
