@@ -168,7 +168,7 @@ def test_load_dispatch_and_options(market_tree: Path):
         load("viper", market_tree)
     with pytest.raises(InputError, match="takes no option variant"):
         load("market1501", market_tree.parent, variant="labeled")
-    ds = load("Market-1501", market_tree.parent, **{})
+    ds = load("Market-1501", market_tree.parent, variant=None)  # unset CLI flags pass through
     assert isinstance(ds, Dataset) and ds.name == "market1501"
 
 

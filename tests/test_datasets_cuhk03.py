@@ -162,7 +162,7 @@ def test_new_protocol(root: Path, variant: str):
 @pytest.mark.parametrize("split", [0, 7, 19])
 def test_classic_protocol(root: Path, split: int):
     ds = load("cuhk03", root, variant="detected", protocol="classic", split=split)
-    assert ds.protocol == PROTOCOL_CUHK03_CLASSIC and ds.info["split"] == split
+    assert ds.protocol == PROTOCOL_CUHK03_CLASSIC and ds.info["split"] == split and ds.info["num_splits"] == 20
     assert ds.query == ds.gallery
     with h5py.File(root / "cuhk03_release" / "cuhk-03.mat", "r") as f:
         test = f[f["testsets"][0, split]][:].T.astype(int)

@@ -65,12 +65,14 @@ def _loader(name: str):
 def load(name: str, root: str | Path, **options) -> Dataset:
     """Load dataset ``name`` from ``root``; options are the loader's (e.g. variant, protocol, split for cuhk03).
 
-    Options set to None take the loader's default, so a CLI can pass its unset flags straight through.
+    Options set to None are left out (the loader's default applies), so a CLI can pass its unset flags
+    straight through.
     """
     loader = _loader(name)
+    options = {k: v for k, v in options.items() if v is not None}
     accepted = dataset_options(name)
     unknown = sorted(set(options) - set(accepted))
     if unknown:
         allowed = ", ".join(accepted) if accepted else "none"
         raise InputError(f"dataset {name!r} takes no option {', '.join(unknown)} (its options: {allowed})")
-    return loader(root, **{k: v for k, v in options.items() if v is not None})
+    return loader(root, **options)

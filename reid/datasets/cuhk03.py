@@ -159,7 +159,8 @@ def _load_classic(base: Path, variant: str, split: int) -> Dataset:
         test,
         list(test),
         protocol=PROTOCOL_CUHK03_CLASSIC,
-        info={"root": str(base), "variant": variant, "protocol": "classic", "split": split},
+        info={"root": str(base), "variant": variant, "protocol": "classic", "split": split,
+              "num_splits": len(info.testsets)},
     )
     log.info("cuhk03 %s classic split %d: %r", variant, split, ds)
     return ds
