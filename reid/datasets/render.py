@@ -151,10 +151,10 @@ def _line(img, p, q, colour, thickness: float) -> None:
 def _background(h: int, w: int, cam: Camera, rng: np.random.Generator, d: float) -> np.ndarray:
     top, bottom, clutter = cam.background
     g = int(cam.ground * h)
-    img = np.empty((h, w, 3), np.float32)
-    img[:g] = top
-    img[g:] = bottom
-    img += rng.normal(0, 6 * d, 3).astype(np.float32)  # this moment's light on the scene
+    light = rng.normal(0, 6 * d, 3)  # this moment's light on the scene
+    img = np.empty((h, w, 3), np.uint8)
+    img[:g] = np.clip(top + light, 0, 255)
+    img[g:] = np.clip(bottom + light, 0, 255)
     for _ in range(cam.clutter):
         spread = 70.0 if rng.random() < 0.25 else 30.0  # now and then a brightly coloured object
         c = np.clip(clutter + rng.normal(0, spread * d, 3), 0, 255).astype(np.float32)
@@ -169,8 +169,8 @@ def _background(h: int, w: int, cam: Camera, rng: np.random.Generator, d: float)
 
 def _torso_pattern(h: int, w: int, ident: Identity, body_h: float, rng: np.random.Generator) -> np.ndarray:
     """Full-canvas fill of the upper garment (plain / stripes / checks) to be masked by the torso shape."""
-    fill = np.empty((h, w, 3), np.float32)
-    fill[:] = ident.upper
+    fill = np.empty((h, w, 3), np.uint8)
+    fill[:] = np.clip(ident.upper + 0.5, 0, 255)
     if ident.pattern == "plain":
         return fill
     period = max(2.0, ident.period * body_h)
@@ -183,7 +183,7 @@ def _torso_pattern(h: int, w: int, ident: Identity, body_h: float, rng: np.rando
         sel = np.broadcast_to(xs[None, :], (h, w))
     else:
         sel = ys[:, None] ^ xs[None, :]
-    fill[sel] = ident.upper2
+    fill[sel] = np.clip(ident.upper2 + 0.5, 0, 255)
     return fill
 
 
@@ -226,9 +226,8 @@ def _draw_person(img: np.ndarray, ident: Identity, cam: Camera, rng: np.random.G
         cv2.fillPoly(mask, [np.round(np.asarray([(cx - sw * 0.6, sh_y + 0.04 * body_h), (cx + sw * 0.6, sh_y + 0.04 * body_h),
                                                   (cx + sw * 0.55, waist_y), (cx - sw * 0.55, waist_y)]) * 16).astype(np.int32)],
                      0, cv2.LINE_AA, shift=4)
-    alpha = mask.astype(np.float32)[..., None] / 255.0
     fill = _torso_pattern(h, w, ident, body_h, rng)
-    img[:] = img * (1 - alpha) + fill * alpha
+    cv2.copyTo(fill, mask, img)
     # arms: sleeves to the elbow (or wrist), then skin; swing opposite to the legs
     swing = -phase * 0.35 * body_h * 0.25
     for side in (-1, 1):
@@ -262,20 +261,23 @@ def _draw_person(img: np.ndarray, ident: Identity, cam: Camera, rng: np.random.G
         _ellipse(img, (hc[0], hc[1] - hr[1] * 0.55), (hr[0] * 1.05, hr[1] * 0.5), ident.hair)
 
 
+_GREY = np.array([0.299, 0.587, 0.114], dtype=np.float64)
+
+
 def _camera_optics(img: np.ndarray, cam: Camera, rng: np.random.Generator, d: float) -> np.ndarray:
+    """Light (gain, colour cast, saturation as one 3x3 colour transform; gamma), blur and sensor noise."""
     h = img.shape[0]
-    gain = cam.gain * np.exp(rng.normal(0, 0.08 * d))
-    img = img * (gain * cam.cast).astype(np.float32)
-    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None]
-    img = cv2.addWeighted(img, cam.saturation, np.broadcast_to(grey, img.shape), 1.0 - cam.saturation, 0.0)
+    gain = cam.gain * np.exp(rng.normal(0, 0.08 * d)) * cam.cast.astype(np.float64)
+    mix = cam.saturation * np.eye(3) + (1.0 - cam.saturation) * np.outer(np.ones(3), _GREY)
+    out = cv2.transform(img, (mix * gain[None, :]).astype(np.float32))  # saturates to uint8
     lut = (255.0 * (np.arange(256) / 255.0) ** cam.gamma + 0.5).astype(np.uint8)
-    out = cv2.LUT(np.clip(img, 0, 255).astype(np.uint8), lut)
+    out = cv2.LUT(out, lut)
     sigma = cam.blur * h * np.exp(rng.normal(0, 0.3))
     if sigma > 0.3:
         out = cv2.GaussianBlur(out, (0, 0), sigma)
     if cam.noise > 0:
         noise = rng.standard_normal(out.shape, dtype=np.float32) * np.float32(cam.noise)
-        out = np.clip(out + noise + 0.5, 0, 255).astype(np.uint8)
+        out = cv2.add(out, noise, dtype=cv2.CV_8U)
     return out
 
 
