@@ -128,18 +128,17 @@ def child(kind: str, folder: Path) -> None:
     t = time.perf_counter()
     if kind == "big":
         r = evaluate_features(q, g, qp, gp, qc, gc)
-        extra_info = {"mAP": r.mAP, "rank1": r.rank(1), "gallery": int(g.shape[0])}
+        elapsed, peak = time.perf_counter() - t, maxrss_bytes()
+        info = {"mAP": r.mAP, "rank1": r.rank(1), "gallery": int(g.shape[0])}
     else:
         from reid.rerank import re_rank
 
         d = re_rank(q, g)
-        elapsed = time.perf_counter() - t
+        elapsed, peak = time.perf_counter() - t, maxrss_bytes()
         r = evaluate_ranking(d, qp, gp, qc, gc)
         base = evaluate_features(q, g, qp, gp, qc, gc)
-        extra_info = {"mAP": r.mAP, "rank1": r.rank(1), "mAP_before": base.mAP, "rank1_before": base.rank(1)}
-        print(json.dumps({"seconds": elapsed, "rss_before": before, "rss_peak": maxrss_bytes(), **extra_info}))
-        return
-    print(json.dumps({"seconds": time.perf_counter() - t, "rss_before": before, "rss_peak": maxrss_bytes(), **extra_info}))
+        info = {"mAP": r.mAP, "rank1": r.rank(1), "mAP_before": base.mAP, "rank1_before": base.rank(1)}
+    print(json.dumps({"seconds": elapsed, "rss_before": before, "rss_peak": peak, **info}))
 
 
 def run_child(kind: str, folder: Path) -> dict:
@@ -152,7 +151,8 @@ def run_child(kind: str, folder: Path) -> dict:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    ap.add_argument("--protocols", type=Path, default=default_protocols(), help="folder with the Market-1501 .mat files")
+    ap.add_argument("--protocols", type=Path, default=default_protocols(),
+                    help="folder with the Market-1501 .mat files (queryID, queryCam, testID, testCam)")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--skip-big", action="store_true", help="skip the 3,368 x 500,000 memory run")
     ap.add_argument("--skip-rerank", action="store_true", help="skip the re-ranking run")

@@ -167,11 +167,13 @@ def unit_rows(feats, name: str) -> np.ndarray:
         c = x[a : a + step]
         norms[a : a + step] = np.sqrt(np.einsum("ij,ij->i", c, c))
     if not np.isfinite(norms).all():
-        raise InputError(f"{name} holds NaN or infinite values (first bad row {int(np.flatnonzero(~np.isfinite(norms))[0])})")
+        bad = int(np.flatnonzero(~np.isfinite(norms))[0])
+        raise InputError(f"{name} hold NaN or infinite values (first bad row {bad})")
     if x.shape[0] == 0 or np.abs(norms - 1.0).max() <= _NORM_TOLERANCE:
         return x
     if (norms == 0).any():
-        raise InputError(f"{name} row {int(np.flatnonzero(norms == 0)[0])} is all zeros: a zero feature has no direction")
+        bad = int(np.flatnonzero(norms == 0)[0])
+        raise InputError(f"{name}: row {bad} is all zeros, and a zero feature has no direction")
     log.info("%s are not L2-normalised: normalising a copy", name)
     return x / norms[:, None]
 
