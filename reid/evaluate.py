@@ -84,23 +84,28 @@ def load_cached(path: Path) -> FeatureTable | None:
     return table
 
 
-def save_cached(path: Path, table: FeatureTable) -> None:
-    """Write a cache entry atomically (temp file in the same folder, then ``os.replace``)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write arrays to ``path`` atomically (temp file in the same folder, then ``os.replace``); no pickles."""
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as fh:
-            np.savez(
-                fh,
-                features=table.features.astype(np.float32),
-                paths=np.array(table.paths, dtype=np.str_),
-                failed_paths=np.array([p for p, _ in table.failures], dtype=np.str_),
-                failed_reasons=np.array([r for _, r in table.failures], dtype=np.str_),
-            )
+            np.savez(fh, **arrays)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    return path
+
+
+def save_cached(path: Path, table: FeatureTable) -> None:
+    """Write a cache entry atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_npz(path, {
+        "features": table.features.astype(np.float32),
+        "paths": np.array(table.paths, dtype=np.str_),
+        "failed_paths": np.array([p for p, _ in table.failures], dtype=np.str_),
+        "failed_reasons": np.array([r for _, r in table.failures], dtype=np.str_),
+    })
 
 
 def embed_files(
@@ -136,8 +141,11 @@ def embed_files(
     res = embed_paths(model, unique, batch_size=batch_size, workers=workers, device=device, flip=flip, progress=advance)
     table = FeatureTable([str(p) for p in res.paths], res.features, [(str(p), r) for p, r in res.failures])
     if entry is not None:
-        save_cached(entry, table)
-        log.info("feature cache written: %s", entry)
+        try:
+            save_cached(entry, table)
+            log.info("feature cache written: %s", entry)
+        except OSError as e:  # a read-only or full cache folder costs the next run time, not this one's result
+            log.warning("could not write the feature cache %s (%s); set REID_CACHE to a writable folder", entry, e)
     return table, "miss" if entry is not None else "off"
 
 
@@ -213,15 +221,7 @@ def save_features(path: str | Path, sets: Sequence[FeatureSet], splits: Sequence
     if splits is not None:
         arrays["query_split"] = np.concatenate([np.full(len(s.query_paths), k) for s, k in zip(sets, splits)])
         arrays["gallery_split"] = np.concatenate([np.full(len(s.gallery_paths), k) for s, k in zip(sets, splits)])
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
+    return write_npz(path, arrays)
 
 
 # --- the evaluation ----------------------------------------------------------------------------

@@ -260,3 +260,12 @@ def test_cache_dir_follows_env(monkeypatch, tmp_path):
     assert ev.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("REID_CACHE")
     assert ev.cache_dir() == Path("~/.cache/reid/features").expanduser()
+
+
+def test_unwritable_cache_warns_but_evaluates(market, weights, tmp_path, monkeypatch, caplog):
+    blocker = tmp_path / "file-not-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("REID_CACHE", str(blocker / "cache"))
+    result = run("market1501", "--root", market, "--weights", weights, *FAST, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["cache"] == "miss" and "could not write the feature cache" in caplog.text
