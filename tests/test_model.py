@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from reid.model import AttentionBilinearNet, ModelConfig, TrainOutput, build_model, model_fingerprint
 from reid.model.attention import LocationAttention
-from reid.model.bilinear import LocalBilinear, signed_sqrt
+from reid.model.bilinear import LocalBilinear, _sqrt0
 from reid.model.spatial_lstm import SpatialLSTM2d
 
 SMALL = ModelConfig(input_size=(64, 32), c_a=8, c_b=6, d_x=24, d_h=10, d_att=12, num_glimpses=3, embed_dim=32)
@@ -172,12 +172,18 @@ def test_bilinear_equals_explicit_outer_product_per_location():
     assert torch.allclose(out, expected, atol=1e-6)
 
 
-def test_signed_sqrt_values_and_finite_gradient():
-    x = torch.tensor([-4.0, 0.0, 9.0], requires_grad=True)
-    y = signed_sqrt(x)
-    assert torch.allclose(y, torch.tensor([-2.0, 0.0, 3.0]), atol=1e-5)
+def test_bilinear_sqrt_is_exact_at_zero_with_finite_gradient():
+    x = torch.tensor([0.0, 4.0, 9.0], requires_grad=True)
+    y = _sqrt0(x)
+    assert y[0].item() == 0.0 and torch.allclose(y, torch.tensor([0.0, 2.0, 3.0]), atol=1e-6)
     y.sum().backward()
     assert torch.isfinite(x.grad).all()
+    # a location where a whole reduced stream is zero gives a zero bilinear vector, as sign-sqrt + L2 does
+    layer = LocalBilinear(2, 2, c_a=2, c_b=2, d_x=3).eval()
+    with torch.no_grad():
+        layer.reduce_a[0].weight.zero_()
+    z = layer.outer(torch.randn(1, 2, 2, 2), torch.randn(1, 2, 2, 2))
+    assert torch.count_nonzero(z) == 0
 
 
 def test_attention_is_a_convex_combination_of_states():
@@ -233,6 +239,13 @@ def test_fused_inference_equals_the_trained_layers(default_model):
     with torch.enable_grad():
         plain = default_model(x)  # gradients wanted: the trained modules themselves
     assert torch.allclose(fused, plain.detach(), atol=1e-5)
+    for size in ((250, 120), (255, 127), (96, 48)):  # odd and even sizes at every TF-"same" stride-2 conv
+        x = torch.rand(1, 3, *size)
+        with torch.no_grad():
+            fused = default_model(x)
+        with torch.enable_grad():
+            plain = default_model(x).detach()
+        assert torch.allclose(fused, plain, atol=1e-5), size
     with torch.inference_mode():
         a, b, bil = default_model._front()
     assert a is not default_model.stream_a and not any(isinstance(m, torch.nn.BatchNorm2d) for m in a.modules())

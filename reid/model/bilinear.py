@@ -11,11 +11,6 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def signed_sqrt(x: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
-    """sign(x) * sqrt(|x|), with a gradient that stays finite at 0."""
-    return torch.sign(x) * torch.sqrt(x.abs() + eps)
-
-
 class ConvBNReLU(nn.Sequential):
     """1x1 conv + BatchNorm + ReLU: reduces a stream's channels before the outer product."""
 
@@ -38,14 +33,28 @@ class LocalBilinear(nn.Module):
         self.c_a, self.c_b, self.d_x = c_a, c_b, d_x
 
     def outer(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-        """Reduced local features -> normalised bilinear vectors [B,H,W,c_a*c_b] (before the projection)."""
-        a = self.reduce_a(a).permute(0, 2, 3, 1)  # [B,H,W,c_a]
+        """Reduced local features -> normalised bilinear vectors [B,H,W,c_a*c_b] (before the projection).
+
+        The reductions end in ReLU, so a, b >= 0 and signed_sqrt(a b^T) = sqrt(a) sqrt(b)^T, whose
+        L2 norm is |sqrt(a)| |sqrt(b)|: normalising the two small factors first gives the same
+        vectors as sqrt + L2 over the c_a*c_b products, for a fraction of the memory passes.
+        """
+        a = self.reduce_a(a).permute(0, 2, 3, 1)  # [B,H,W,c_a], >= 0
         b = self.reduce_b(b).permute(0, 2, 3, 1)
         if a.shape[1:3] != b.shape[1:3]:
             raise ValueError(f"stream grids differ: {tuple(a.shape[1:3])} vs {tuple(b.shape[1:3])}")
-        z = (a.unsqueeze(-1) * b.unsqueeze(-2)).flatten(-2)  # vec(a_l b_l^T), row-major over (c_a, c_b)
-        return F.normalize(signed_sqrt(z), dim=-1)
+        u = F.normalize(_sqrt0(a), dim=-1)
+        v = F.normalize(_sqrt0(b), dim=-1)
+        return (u.unsqueeze(-1) * v.unsqueeze(-2)).flatten(-2)  # vec(u v^T), row-major over (c_a, c_b)
 
     def forward(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
         """Local bilinear features projected to d_x: [B,H,W,d_x]."""
         return self.proj(self.outer(a, b))
+
+
+_EPS = 1e-12
+
+
+def _sqrt0(x: torch.Tensor) -> torch.Tensor:
+    """sqrt(x) for x >= 0, exactly 0 at 0, with a finite gradient there (|error| <= 1e-6)."""
+    return torch.sqrt(x + _EPS) - _EPS**0.5

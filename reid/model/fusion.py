@@ -51,6 +51,22 @@ class ConvAct(nn.Module):
             self.attr, self.scalars = "relu", []
         else:
             self.attr, self.scalars = "none", []
+        self._same_weights: dict[tuple[bool, bool], torch.Tensor] = {}
+
+    def _tf_same(self, x: torch.Tensor) -> tuple[torch.Tensor, list[int]]:
+        """Weight and symmetric padding computing TensorFlow "same" padding without padding the input.
+
+        At stride 2 "same" pads (k-2)//2 before and the rest after an even-sized dimension. That equals
+        a symmetric padding of (k-1)//2 with one zero tap put in front of the kernel in that dimension,
+        so no padded copy of the activation (a full memory pass) is needed; odd sizes pad symmetrically.
+        """
+        c = self.conv
+        key = (x.shape[-2] % 2 == 0, x.shape[-1] % 2 == 0)
+        w = self._same_weights.get(key)
+        if w is None:
+            w = F.pad(c.weight, (int(key[1]), 0, int(key[0]), 0))
+            self._same_weights[key] = w
+        return w, [(c.kernel_size[0] - 1) // 2, (c.kernel_size[1] - 1) // 2]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """conv then activation; one oneDNN call where possible, plain PyTorch otherwise."""
@@ -58,15 +74,18 @@ class ConvAct(nn.Module):
         if x.device.type != "cpu" or x.dtype != torch.float32 or torch.is_autocast_enabled("cpu") \
                 or c.padding_mode != "zeros" or not isinstance(c.padding, tuple):
             return self.act(c(x))
-        if self.same:
+        weight = c.weight
+        if not self.same:
+            padding = list(c.padding)
+        elif c.stride == (2, 2) and c.dilation == (1, 1) and all(k % 2 for k in c.kernel_size):
+            weight, padding = self._tf_same(x)
+        else:
             from timm.layers import pad_same
 
             x = pad_same(x, list(c.kernel_size), list(c.stride), list(c.dilation))
             padding = [0, 0]
-        else:
-            padding = list(c.padding)
         return torch.ops.mkldnn._convolution_pointwise(
-            x, c.weight, c.bias, padding, list(c.stride), list(c.dilation), c.groups, self.attr, self.scalars, ""
+            x, weight, c.bias, padding, list(c.stride), list(c.dilation), c.groups, self.attr, self.scalars, ""
         )
 
 

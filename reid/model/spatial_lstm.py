@@ -63,9 +63,12 @@ class SpatialLSTM2d(nn.Module):
     @staticmethod
     def cell(gates: torch.Tensor, c_up: torch.Tensor, c_left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """One LSTM update from pre-activation gates [..., 5*d_h] and the neighbours' cell states."""
-        i, f1, f2, o, g = gates.chunk(NUM_GATES, dim=-1)
-        c = torch.sigmoid(f1) * c_up + torch.sigmoid(f2) * c_left + torch.sigmoid(i) * torch.tanh(g)
-        return torch.sigmoid(o) * torch.tanh(c), c
+        d = gates.shape[-1] // NUM_GATES
+        sig = torch.sigmoid(gates[..., : 4 * d])
+        g = torch.tanh(gates[..., 4 * d :])
+        i, f1, f2, o = sig[..., :d], sig[..., d : 2 * d], sig[..., 2 * d : 3 * d], sig[..., 3 * d :]
+        c = torch.addcmul(torch.addcmul(i * g, f1, c_up), f2, c_left)
+        return o * torch.tanh(c), c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Scan the grid along anti-diagonals; returns the concatenated hidden states [B,Gh,Gw,D*d_h]."""
@@ -78,31 +81,30 @@ class SpatialLSTM2d(nn.Module):
         if nd == 2:
             # The BR->TL scan is the TL->BR scan of the grid flipped in both axes (cell l -> L-1-l).
             seqs.append(flat.flip(1).index_select(1, order_t))
-        xs = torch.stack(seqs)  # [nd, B, L, d_in], diagonal-major
-        gates_x = torch.baddbmm(self.bias.unsqueeze(1), xs.flatten(1, 2), self.weight_x).view(nd, b, gh * gw, -1)
+        # Layout [dir, cell (diagonal-major), batch, channel]: one diagonal is a contiguous block.
+        xs = torch.stack(seqs).transpose(1, 2).reshape(nd, gh * gw * b, -1)
+        gates_x = torch.baddbmm(self.bias.unsqueeze(1), xs, self.weight_x)  # [nd, L*B, 5*d_h]
 
-        # h/c of the previous diagonal indexed by row + 1 (index 0 = the zero row above the grid).
-        h_prev = x.new_zeros(nd, b, gh + 1, dh)
-        c_prev = h_prev
-        outs, start = [], 0
+        # State of the previous diagonal as [h | c] on its rows lo-1 .. hi+1 (zero rows at both ends).
+        state = x.new_zeros(nd, 2, b, 2 * dh)
+        prev_lo, outs, start = 0, [], 0
         for lo, hi in ranges:
             n = hi - lo + 1
-            h_up, h_left = h_prev[:, :, lo : hi + 1], h_prev[:, :, lo + 1 : hi + 2]
-            c_up, c_left = c_prev[:, :, lo : hi + 1], c_prev[:, :, lo + 1 : hi + 2]
-            rec = torch.cat([h_up, h_left], dim=-1).reshape(nd, b * n, 2 * dh)
-            gates = gates_x[:, :, start : start + n] + torch.bmm(rec, self.weight_h).view(nd, b, n, -1)
-            h, c = self.cell(gates, c_up, c_left)
+            up = state[:, lo - prev_lo : hi - prev_lo + 1]  # rows i-1 of the previous diagonal
+            left = state[:, lo - prev_lo + 1 : hi - prev_lo + 2]  # rows i (column j-1)
+            rec = torch.cat([up[..., :dh], left[..., :dh]], dim=-1).view(nd, n * b, 2 * dh)
+            gates = torch.baddbmm(gates_x[:, start * b : (start + n) * b], rec, self.weight_h)
+            h, c = self.cell(gates.view(nd, n, b, -1), up[..., dh:], left[..., dh:])
             outs.append(h)
-            start += n
-            pad = (0, 0, lo + 1, gh - hi - 1)
-            h_prev, c_prev = F.pad(h, pad), F.pad(c, pad)
+            state = F.pad(torch.cat([h, c], dim=-1), (0, 0, 0, 0, 1, 1))
+            prev_lo, start = lo, start + n
 
-        hs = torch.cat(outs, dim=2)  # [nd, B, L, d_h], diagonal-major
+        hs = torch.cat(outs, dim=1)  # [nd, L, B, d_h], diagonal-major
         inverse = torch.empty_like(order_t)
         inverse[order_t] = torch.arange(len(order), device=x.device)
-        hs = hs.index_select(2, inverse)  # row-major
+        hs = hs.index_select(1, inverse).permute(0, 2, 1, 3)  # [nd, B, L, d_h], row-major
         if nd == 2:
             hs = torch.cat([hs[0], hs[1].flip(1)], dim=-1)
         else:
             hs = hs[0]
-        return hs.view(b, gh, gw, nd * dh)
+        return hs.reshape(b, gh, gw, nd * dh)
