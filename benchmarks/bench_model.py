@@ -5,6 +5,7 @@ channels-last). Modes of our model:
   fused   the default inference path (BN folded into convs, ReLU/ReLU6 fused in oneDNN), fp32
   plain   the trained layers as they are (eval mode, gradients on), fp32: the accuracy reference
   bf16    the streams under CPU bf16 autocast (AMX), head fp32: measured, NOT used (see agreement)
+  fp16    agreement only (CPU fp16 is slow here): what CUDA fp16 autocast would round the streams to
 Candidates run interleaved, several rounds, and the median time per round is reported, so load
 from other processes hits all of them alike. Agreement with `plain` is measured on synthetic
 pedestrian crops (and natural-image crops from scikit-image when installed).
@@ -102,7 +103,9 @@ def main() -> None:
                 with torch.no_grad():
                     return model(x)
             model.fuse_inference = True
-            ctx = torch.autocast("cpu", dtype=torch.bfloat16) if mode == "bf16" else contextlib.nullcontext()
+            model.allow_autocast = mode in ("bf16", "fp16")
+            dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
+            ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
             with torch.inference_mode(), ctx:
                 return model(x)
 
@@ -141,7 +144,7 @@ def main() -> None:
     ref = torch.cat([ours("plain")(xs[i : i + 32]) for i in range(0, len(xs), 32)])
     print(f"\nagreement with plain fp32 on {len(xs)} crops (cosine; share of images whose ranking of the others is unchanged)")
     print(f"{'mode':<30} {'cos min':>8} {'cos mean':>9} {'top-1':>7} {'top-5 set':>10} {'full':>7}")
-    for mode in ("fused", "bf16"):
+    for mode in ("fused", "bf16", "fp16"):
         emb = torch.cat([ours(mode)(xs[i : i + 32]) for i in range(0, len(xs), 32)])
         a = agreement(ref, emb)
         print(f"{mode:<30} {a['cos_min']:8.5f} {a['cos_mean']:9.5f} {a['top1']:7.1%} {a['top5']:10.1%} {a['full']:7.1%}")

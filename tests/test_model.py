@@ -273,14 +273,22 @@ def test_fused_copy_follows_weight_changes():
         assert torch.allclose(model(x), other(x), atol=1e-5)
 
 
-def test_head_runs_in_float32_under_a_callers_autocast():
+def test_network_ignores_a_callers_autocast_unless_allowed():
     model = build_model(SMALL, pretrained=False)
     x = torch.rand(2, 3, 64, 32)
-    with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16):
-        emb = model(x)
-        out = model.forward_train(x)
-    assert emb.dtype == torch.float32 and out.features.dtype == torch.float32
-    assert torch.allclose(out.attention.sum(dim=(2, 3)), torch.ones(2, 3), atol=1e-5)
+    with torch.inference_mode():
+        ref = model(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            emb = model(x)
+            out = model.forward_train(x)
+        assert emb.dtype == torch.float32 and out.features.dtype == torch.float32
+        assert torch.equal(emb, ref)  # bf16 would change the embeddings (see bench_model.py)
+        assert torch.allclose(out.attention.sum(dim=(2, 3)), torch.ones(2, 3), atol=1e-5)
+        model.allow_autocast = True
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = model(x)
+        assert low.dtype == torch.float32 and not torch.equal(low, ref)
+    assert model.cpu_inference_dtype is None
 
 
 def test_head_is_cheap_relative_to_streams():

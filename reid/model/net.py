@@ -9,6 +9,7 @@ two CNN streams (MobileNetV2, EfficientNet-Lite0) -> per-location bilinear pooli
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 from dataclasses import dataclass
@@ -121,6 +122,11 @@ class AttentionBilinearNet(nn.Module):
         self.classifier = nn.Linear(config.embed_dim, config.num_classes, bias=False) if config.num_classes else None
         self.channels_last = True
         self.fuse_inference = True  # at inference, run the CNN layers from a fused copy (never saved)
+        # Reduced precision changes the embeddings too much with these weights (measured by
+        # benchmarks/bench_model.py against fp32: bf16 cosine >= 0.86 only, fp16 >= 0.996, rankings
+        # change), so the network runs in float32 even under a caller's autocast unless this is set.
+        self.allow_autocast = False
+        self.cpu_inference_dtype = None  # read by reid.embed: no reduced precision on CPU
         self.__dict__["_folded"] = None  # (signature, folded front); kept out of the module tree
 
     def _front(self) -> tuple[nn.Module, nn.Module, nn.Module]:
@@ -188,9 +194,10 @@ class AttentionBilinearNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         stream_a, stream_b, bilinear = self._front()
-        local = bilinear(stream_a(x), stream_b(x)).float()  # [B,Gh,Gw,d_x]
+        with contextlib.nullcontext() if self.allow_autocast else torch.autocast(x.device.type, enabled=False):
+            local = bilinear(stream_a(x.float()), stream_b(x.float())).float()  # [B,Gh,Gw,d_x]
         b, gh, gw, _ = local.shape
-        # The recurrent head always runs in float32, also under a caller's autocast (a cheap part of the cost).
+        # The recurrent head always runs in float32 (a small part of the cost).
         with torch.autocast(x.device.type, enabled=False):
             states = self.lstm(local)  # [B,Gh,Gw,dirs*d_h]
             z, alpha = self.attention(local.view(b, gh * gw, -1), states.view(b, gh * gw, -1))
