@@ -56,14 +56,6 @@ def _collate(items):
     return idx, batch, failed
 
 
-def _worker_init(_worker_id: int) -> None:
-    # Decoding is single-image work; threads inside each worker only fight the model for cores.
-    torch.set_num_threads(1)
-    import cv2
-
-    cv2.setNumThreads(1)
-
-
 def model_input_size(model: torch.nn.Module) -> tuple[int, int]:
     """The (H, W) a model expects, from its config when it has one (256x128 otherwise)."""
     config = getattr(model, "config", None)
@@ -138,7 +130,6 @@ def embed_paths(
         batch_size=batch_size,
         num_workers=workers,
         collate_fn=_collate,
-        worker_init_fn=_worker_init if workers > 0 else None,
         pin_memory=device.type == "cuda",
         prefetch_factor=4 if workers > 0 else None,
     )

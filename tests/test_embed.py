@@ -68,3 +68,32 @@ def test_all_failures_gives_empty_features(tmp_path):
     bad.write_bytes(b"")
     res = embed_paths(PoolNet(), [bad], workers=0)
     assert res.features.shape == (0, 12) and res.paths == [] and len(res.failures) == 1
+
+
+def test_workers_do_not_deadlock_after_parent_used_opencv_threads(tmp_path):
+    """Forked decoding workers once hung when the parent had already used OpenCV's thread pool."""
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import cv2, numpy as np, torch
+        from pathlib import Path
+        from reid.embed import embed_paths
+        paths = []
+        for i in range(6):
+            p = Path({str(tmp_path)!r}) / f"{{i}}.png"
+            cv2.imwrite(str(p), np.random.randint(0, 255, (900, 500, 3), np.uint8))
+            paths.append(p)
+        cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))  # spins up OpenCV's pool
+        class M(torch.nn.Module):
+            embed_dim = 3
+            def forward(self, x):
+                return torch.nn.functional.normalize(x.mean((2, 3)), dim=1)
+        print(embed_paths(M(), paths, workers=2, batch_size=2).features.shape)
+        """
+    )
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == "(6, 3)"
