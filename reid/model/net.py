@@ -130,7 +130,7 @@ class AttentionBilinearNet(nn.Module):
         self.__dict__["_folded"] = None  # (signature, folded front); kept out of the module tree
 
     def _front(self) -> tuple[nn.Module, nn.Module, nn.Module]:
-        """(stream_a, stream_b, bilinear): the trained modules, or their BN-folded copy at inference."""
+        """(stream_a, stream_b, bilinear): the trained modules, or their fused copy (reid.model.fusion) at inference."""
         if self.training or torch.is_grad_enabled() or not self.fuse_inference:
             return self.stream_a, self.stream_b, self.bilinear
         front = nn.ModuleDict({"a": self.stream_a, "b": self.stream_b, "bilinear": self.bilinear})
@@ -191,11 +191,12 @@ class AttentionBilinearNet(nn.Module):
         """Pre-BN feature [B,D] and attention [B,K,Gh,Gw] of a batch of RGB crops in [0, 1]."""
         if x.dim() != 4 or x.shape[1] != 3:
             raise ValueError(f"expected a batch [B,3,H,W], got {tuple(x.shape)}")
+        x = x.float()
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         stream_a, stream_b, bilinear = self._front()
         with contextlib.nullcontext() if self.allow_autocast else torch.autocast(x.device.type, enabled=False):
-            local = bilinear(stream_a(x.float()), stream_b(x.float())).float()  # [B,Gh,Gw,d_x]
+            local = bilinear(stream_a(x), stream_b(x)).float()  # [B,Gh,Gw,d_x]
         b, gh, gw, _ = local.shape
         # The recurrent head always runs in float32 (a small part of the cost).
         with torch.autocast(x.device.type, enabled=False):
