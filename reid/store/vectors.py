@@ -1,0 +1,239 @@
+"""The derived vector index (``vectors.faiss``): a FAISS ``IndexIDMap2`` whose ids are catalogue row ids.
+
+Kinds: ``flat`` (exact inner product, the default), ``hnsw`` and ``ivfpq`` (approximate, for
+galleries of hundreds of thousands of crops and more; ``ivfpq`` re-scores its candidates exactly
+with ``IndexRefineFlat``). ``auto`` picks by gallery size. Embeddings are L2-normalised, so the
+inner product is the cosine similarity.
+
+Exact search on CPU does not go through ``IndexFlat.search``: for one query FAISS skips BLAS
+(``queries x dim < distance_compute_blas_threshold``) and scans on one core, ~2x slower than a
+BLAS matrix-vector product over the same zero-copy array (``benchmarks/bench_index.py``).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+
+import faiss
+import numpy as np
+
+from reid.errors import StoreError
+from reid.store.catalogue import id_digest
+
+log = logging.getLogger(__name__)
+
+KINDS = ("auto", "flat", "hnsw", "ivfpq")
+
+# ``auto``: exact search up to this many rows (one query costs ~7 ms per 100k rows at 512-d on
+# 2 cores, memory-bound), the approximate kind below from there on.
+AUTO_ANN_ROWS = 200_000
+AUTO_ANN_KIND = "ivfpq"
+
+# IVF-PQ needs enough rows to train its coarse quantizer and 256-centroid sub-quantizers.
+IVFPQ_MIN_ROWS = 10_000
+IVFPQ_TRAIN_PER_LIST = 64  # training sample = lists x this (FAISS warns below 39)
+IVFPQ_NPROBE = 16
+IVFPQ_REFINE = 16  # exact re-scoring of k x this PQ candidates
+HNSW_M = 32
+HNSW_EF_CONSTRUCTION = 64
+HNSW_EF_SEARCH = 128
+
+# Exact search scores at most this many query x gallery similarities at a time (bounded memory).
+_FLAT_BLOCK = 1 << 25
+
+
+def resolve_kind(kind: str, rows: int) -> str:
+    """The concrete index kind for a requested kind (``auto`` or explicit) and a gallery size."""
+    if kind not in KINDS:
+        raise StoreError(f"unknown index kind {kind!r}; expected one of: {', '.join(KINDS)}")
+    if kind == "auto":
+        return "flat" if rows < AUTO_ANN_ROWS else AUTO_ANN_KIND
+    if kind == "ivfpq" and rows < IVFPQ_MIN_ROWS:
+        return "flat"  # too few rows to train; exact search is fast at this size anyway
+    return kind
+
+
+def ivf_lists(rows: int) -> int:
+    """Number of IVF lists for a gallery size: ~sqrt(n), a power of two, 64..65536."""
+    return int(min(65536, max(64, 1 << int(np.round(np.log2(np.sqrt(max(rows, 1))))))))
+
+
+def _pq_subquantizers(dim: int) -> int:
+    """8 dimensions per 4-bit code (64 bytes at 512-d), but at least 16 codes for small dimensions."""
+    for m in range(max(1, dim // 8, min(dim, 16)), 0, -1):
+        if dim % m == 0:
+            return m
+    return 1
+
+
+def _kind_of(index: faiss.Index) -> str:
+    inner = faiss.downcast_index(index.index)
+    if isinstance(inner, faiss.IndexFlat):
+        return "flat"
+    if isinstance(inner, faiss.IndexHNSW):
+        return "hnsw"
+    if isinstance(inner, faiss.IndexRefine):
+        return "ivfpq"
+    raise StoreError(f"unsupported vector index type {type(inner).__name__}")
+
+
+class VectorIndex:
+    """A FAISS id-mapped index with the project's kinds, tuned search parameters and atomic saving."""
+
+    def __init__(self, index: faiss.IndexIDMap2) -> None:
+        self.index = index
+        self.kind = _kind_of(index)
+        self._gpu = None
+        self._tune()
+
+    @classmethod
+    def empty(cls, kind: str, dim: int, rows_hint: int = 0) -> "VectorIndex":
+        """A new, empty index of a concrete kind; ``ivfpq`` must be ``train``ed before ``add``."""
+        ip = faiss.METRIC_INNER_PRODUCT
+        if kind == "flat":
+            inner = faiss.IndexFlatIP(dim)
+        elif kind == "hnsw":
+            inner = faiss.IndexHNSWFlat(dim, HNSW_M, ip)
+            inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
+        elif kind == "ivfpq":
+            # 4-bit fast-scan PQ: trains in seconds (8-bit PQ takes minutes on 2 cores) and scans with
+            # SIMD lookups; the exact re-scoring of k x IVFPQ_REFINE candidates restores the ranking.
+            spec = f"IVF{ivf_lists(rows_hint)},PQ{_pq_subquantizers(dim)}x4fs,RFlat"
+            inner = faiss.index_factory(dim, spec, ip)
+        else:
+            raise StoreError(f"cannot build an index of kind {kind!r}")
+        return cls(faiss.IndexIDMap2(inner))
+
+    @classmethod
+    def load(cls, path: Path) -> "VectorIndex":
+        """Read a saved index; StoreError when the file is unreadable or not one of ours."""
+        try:
+            index = faiss.read_index(str(path))
+        except RuntimeError as e:
+            raise StoreError(f"{path}: corrupt vector index ({str(e).strip().splitlines()[-1][:120]})") from None
+        if not isinstance(index, faiss.IndexIDMap2):
+            raise StoreError(f"{path}: not an id-mapped vector index ({type(index).__name__})")
+        return cls(index)
+
+    def save(self, path: Path) -> None:
+        """Write to a temporary file, fsync it, then atomically replace ``path`` (and fsync the folder)."""
+        path = Path(path)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        try:
+            faiss.write_index(self.index, str(tmp))
+            fd = os.open(tmp, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        finally:
+            if tmp.exists():
+                tmp.unlink()
+        dfd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dfd)
+        finally:
+            os.close(dfd)
+
+    def _tune(self) -> None:
+        inner = faiss.downcast_index(self.index.index)
+        if self.kind == "hnsw":
+            inner.hnsw.efSearch = HNSW_EF_SEARCH
+        elif self.kind == "ivfpq":
+            inner.k_factor = IVFPQ_REFINE
+            faiss.extract_index_ivf(inner).nprobe = IVFPQ_NPROBE
+
+    # --- contents ---------------------------------------------------------------------------
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return int(self.index.d)
+
+    @property
+    def ntotal(self) -> int:
+        """Number of vectors."""
+        return int(self.index.ntotal)
+
+    @property
+    def is_trained(self) -> bool:
+        """False for an IVF-PQ index that still needs ``train``."""
+        return bool(self.index.is_trained)
+
+    def train_size(self) -> int:
+        """How many sample vectors ``train`` wants (0 when the kind needs no training)."""
+        if self.is_trained:
+            return 0
+        nlist = faiss.extract_index_ivf(faiss.downcast_index(self.index.index)).nlist
+        return nlist * IVFPQ_TRAIN_PER_LIST
+
+    def train(self, sample: np.ndarray) -> None:
+        """Train the coarse and product quantizers on a sample of the gallery."""
+        self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+
+    def ids(self) -> np.ndarray:
+        """The row ids held, in storage order (int64)."""
+        return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
+
+    def digest(self) -> int:
+        """Order-free digest of the ids held (compare with the catalogue's ``id_digest``)."""
+        return id_digest(self.ids())
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        """Add vectors under the given ids."""
+        self._gpu = None
+        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
+                                np.ascontiguousarray(ids, dtype=np.int64))
+
+    def remove(self, ids: np.ndarray) -> bool:
+        """Remove ids in place; False when the kind cannot remove (the caller then rebuilds)."""
+        if self.kind != "flat":
+            return False
+        self._gpu = None
+        self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+        return True
+
+    # --- search -----------------------------------------------------------------------------
+
+    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product: (scores float32 [nq, k'], ids int64 [nq, k']), k' = min(k, ntotal)."""
+        queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
+        k = min(int(k), self.ntotal)
+        if k <= 0 or len(queries) == 0:
+            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+        if self.kind != "flat":
+            scores, ids = self.index.search(queries, k)
+            return scores, ids
+        if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a CUDA build and device
+            return self._search_gpu(queries, k)
+        return self._search_flat_cpu(queries, k)
+
+    def _flat_matrix(self) -> np.ndarray:
+        inner = faiss.downcast_index(self.index.index)
+        return faiss.rev_swig_ptr(inner.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
+
+    def _search_flat_cpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+        xb, ids = self._flat_matrix(), self.ids()
+        out_s = np.empty((len(queries), k), np.float32)
+        out_i = np.empty((len(queries), k), np.int64)
+        step = max(1, _FLAT_BLOCK // max(self.ntotal, 1))
+        for s in range(0, len(queries), step):
+            sims = queries[s : s + step] @ xb.T  # BLAS gemv/gemm on all cores
+            top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
+                np.broadcast_to(np.arange(sims.shape[1]), sims.shape).copy()
+            top_s = np.take_along_axis(sims, top, axis=1)
+            order = np.argsort(-top_s, axis=1, kind="stable")
+            out_s[s : s + step] = np.take_along_axis(top_s, order, axis=1)
+            out_i[s : s + step] = ids[np.take_along_axis(top, order, axis=1)]
+        return out_s, out_i
+
+    def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        if self._gpu is None:
+            res = faiss.StandardGpuResources()
+            self._gpu = (res, faiss.index_cpu_to_gpu(res, 0, faiss.downcast_index(self.index.index)))
+        scores, pos = self._gpu[1].search(queries, k)
+        ids = self.ids()
+        return scores, np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
