@@ -102,6 +102,211 @@ def model_cmd(
 
 # --- index / query / info / demo (issue 4) ----------------------------------------------------
 
+from enum import Enum  # noqa: E402 - kept in this section to leave the shared header alone
+
+DEFAULT_INDEX = Path("indexes/default")
+_INDEX_HELP = "Index folder (env REID_INDEX)."
+
+
+def _index_option() -> Path:
+    return typer.Option(DEFAULT_INDEX, "--index", envvar="REID_INDEX", help=_INDEX_HELP)
+
+
+class IndexKind(str, Enum):
+    auto = "auto"
+    flat = "flat"
+    hnsw = "hnsw"
+    ivfpq = "ivfpq"
+
+
+class DeviceName(str, Enum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+def _index_progress():
+    """A Rich progress bar on stderr showing images done / to embed and images per second."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
+    from rich.text import Text
+
+    class Rate(ProgressColumn):
+        def render(self, task) -> Text:
+            speed = task.finished_speed or task.speed
+            return Text(f"{speed:6.1f} img/s" if speed else "     - img/s")
+
+    return Progress("embedding", BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
+                    console=err, transient=True)
+
+
+def _render_index_report(report, as_json: bool) -> None:
+    import json
+
+    if as_json:
+        typer.echo(json.dumps(report.to_dict()))
+        return
+    counts = [("added", report.added), ("updated", report.updated), ("reused", report.reused),
+              ("unchanged", report.unchanged), ("pruned", report.pruned), ("failed", len(report.failed))]
+    out.print(", ".join(f"{name} {n}" for name, n in counts)
+              + f" — {report.rows} rows in the index ({report.seconds:.1f} s"
+              + (f", {report.embedded / report.embed_seconds:.1f} img/s" if report.embed_seconds else "") + ")")
+    for path, reason in report.failed:
+        out.print(f"  [red]failed[/] {path}: {reason}", soft_wrap=True)
+
+
+@command("index")
+def index_cmd(
+    gallery: Path = typer.Argument(..., help="Folder of crops (searched recursively: jpg, jpeg, png, bmp, webp)."),
+    index: Path = _index_option(),
+    weights: Optional[Path] = typer.Option(
+        None, "--weights", help="Checkpoint (folder or .pt). Default: the index's model; the pretrained model for a new index."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1),
+    workers: int = typer.Option(2, "--workers", min=0, help="Decoding processes."),
+    device: DeviceName = typer.Option(DeviceName.auto, "--device"),
+    kind: Optional[IndexKind] = typer.Option(
+        None, "--kind",
+        help="Vector index kind; default: keep the index's (auto for a new index: exact below 200k rows)."),
+    prune: bool = typer.Option(False, "--prune", help="Remove rows of files under GALLERY that are gone."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Drop every row and re-embed (e.g. with another model)."),
+    wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for another writer of the index."),
+    as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
+) -> None:
+    """Embed every new or changed crop of GALLERY into the index (incremental, resumable)."""
+    from reid.store.ingest import build_index
+
+    with _index_progress() as bar:
+        task = bar.add_task("embed", total=None)
+        report = build_index(gallery, index, weights=None if weights is None else str(weights), batch_size=batch_size,
+                             workers=workers, device=device.value, kind=kind and kind.value, prune=prune, rebuild=rebuild, wait=wait,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _render_index_report(report, as_json)
+
+
+def _render_matches(result) -> None:
+    from rich.table import Table
+
+    def known(v):
+        return "-" if v is None else str(v)
+
+    title = result.query + (f"  (identity {result.pid}, camera {result.camid})" if result.pid is not None else "")
+    table = Table(title=title, title_justify="left")
+    table.add_column("rank", justify="right")
+    table.add_column("score", justify="right")
+    table.add_column("path", overflow="fold")
+    table.add_column("camera", justify="right")
+    table.add_column("identity", justify="right")
+    for m in result.matches:
+        same = result.pid is not None and result.pid > 0 and m.pid == result.pid
+        table.add_row(str(m.rank), f"{m.score:.4f}", m.path, known(m.camid), known(m.pid),
+                      style="green" if same else None)
+    if not result.matches:
+        table.caption = "no match above --min-score"
+    out.print(table)
+
+
+@command("query")
+def query_cmd(
+    images: List[Path] = typer.Argument(..., help="Query crop(s)."),
+    index: Path = _index_option(),
+    top: int = typer.Option(10, "--top", min=1, help="Matches per query."),
+    as_json: bool = typer.Option(False, "--json", help="One JSON line per query on stdout."),
+    save: Optional[Path] = typer.Option(None, "--save", help="Write a picture: each query beside its matches."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop matches scoring below this cosine."),
+    device: DeviceName = typer.Option(DeviceName.auto, "--device"),
+) -> None:
+    """Rank the indexed gallery for each query crop (same model as the index, checked by fingerprint)."""
+    import json
+
+    from reid.search import query_images
+
+    if save is not None:
+        from reid.viz import check_picture_path
+
+        check_picture_path(save)
+    results = query_images(images, index, top=top, min_score=min_score, device=device.value)
+    for r in results:
+        if as_json:
+            typer.echo(json.dumps(r.to_dict()))
+        else:
+            _render_matches(r)
+    if save is not None:
+        from reid.search_picture import save_results
+
+        save_results(save, results)
+        err.print(f"picture written to {save}")
+
+
+def _size(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+@command("info")
+def info_cmd(
+    index: Path = _index_option(),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
+    repair: bool = typer.Option(False, "--repair", help="Rebuild vectors.faiss from the catalogue if it is stale."),
+) -> None:
+    """Rows, dimension, index kind, model, size on disk and last update of an index."""
+    import json
+
+    from reid.store import GalleryStore
+
+    with GalleryStore.open(index) as store:
+        if repair:
+            store.verify(repair=True)
+        info = store.info()
+    if as_json:
+        typer.echo(json.dumps(info))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"index {info['index']}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column()
+    table.add_row("rows", str(info["rows"]))
+    table.add_row("dimension", str(info["dim"]))
+    table.add_row("kind", f"{info['kind']} ({info['vector_kind']})")
+    table.add_row("vectors.faiss", info["vectors"])
+    table.add_row("model", f"{info['model_source']} (fingerprint {info['fingerprint']})")
+    table.add_row("size on disk", _size(info["bytes_on_disk"]))
+    table.add_row("created", str(info["created_at"]))
+    table.add_row("last update", str(info["updated_at"]))
+    out.print(table)
+
+
+@command("demo")
+def demo_cmd(
+    folder: Path = typer.Argument(Path("reid-demo"), help="Where to write the gallery, the index and the picture."),
+    identities: int = typer.Option(12, "--identities", min=2, help="Synthetic people in the gallery."),
+    device: DeviceName = typer.Option(DeviceName.auto, "--device"),
+) -> None:
+    """Generate a small synthetic gallery, index it with the default model, query one crop, save the picture."""
+    from reid.datasets.synthetic import write_folder
+    from reid.images import find_images
+    from reid.search import query_images
+    from reid.search_picture import save_results
+    from reid.store.ingest import build_index
+
+    data = folder / "data"
+    if not (data / "gallery").is_dir():
+        err.print(f"writing a synthetic gallery of {identities} people to {data}")
+        write_folder(data, num_test_ids=identities, num_distractors=identities // 2, with_train=False)
+    with _index_progress() as bar:
+        task = bar.add_task("embed", total=None)
+        report = build_index(data / "gallery", folder / "index", weights="default", device=device.value,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+    _render_index_report(report, as_json=False)
+    query = find_images(data / "query")[0]
+    results = query_images([query], folder / "index", top=8, device=device.value)
+    _render_matches(results[0])
+    picture = save_results(folder / "result.jpg", results)
+    out.print(f"picture written to {picture}")
+
+
 # --- evaluate (issue 6) -----------------------------------------------------------------------
 
 

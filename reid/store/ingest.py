@@ -146,12 +146,6 @@ def index_folder(store: GalleryStore, model, gallery: str | os.PathLike, *, batc
     if progress is not None:
         progress(0, len(todo))
     if todo:
-        import cv2
-
-        # OpenCV's thread pool is not fork-safe: a decoding worker forked while this process has
-        # pool threads (any earlier multi-threaded cv2 call) hangs in cv2.setNumThreads. One
-        # thread here stops the pool before the fork; decoding parallelism comes from the workers.
-        cv2.setNumThreads(1)
         t1 = time.perf_counter()
         embed_paths(model, [Path(t.record.path) for t in todo], batch_size=batch_size, workers=workers,
                     device=device, on_batch=on_batch)

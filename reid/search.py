@@ -1,0 +1,152 @@
+"""Query images -> ranked gallery matches, with the very model the index was built with."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+
+from reid.errors import CheckpointError, InputError, StoreError
+from reid.images import decode_image, parse_market_name, preprocess
+from reid.store import GalleryStore
+from reid.store.model_ref import fingerprint, load_model
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Match:
+    """One ranked gallery image."""
+
+    rank: int
+    score: float
+    path: str
+    camid: int | None
+    pid: int | None
+
+    def to_dict(self) -> dict[str, object]:
+        """JSON-able form: rank, score, path, camid, pid."""
+        return {"rank": self.rank, "score": round(self.score, 6), "path": self.path, "camid": self.camid,
+                "pid": self.pid}
+
+
+@dataclass
+class QueryResult:
+    """The matches of one query image (identity and camera parsed from its name when Market-style)."""
+
+    query: str
+    matches: list[Match] = field(default_factory=list)
+    pid: int | None = None
+    camid: int | None = None
+
+    def to_dict(self) -> dict[str, object]:
+        """``{"query": path, "matches": [...]}`` as printed by ``reid query --json``."""
+        return {"query": self.query, "matches": [m.to_dict() for m in self.matches]}
+
+
+def load_queries(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
+    """Decode every query image (uint8 RGB) up front; the first bad one raises a one-line InputError."""
+    images = []
+    for p in paths:
+        path = Path(p)
+        if not path.exists():
+            raise InputError(f"query image {path} does not exist")
+        if path.is_dir():
+            raise InputError(f"query image {path} is a folder; pass image files")
+        images.append(decode_image(path))  # ImageDecodeError(InputError) says why it cannot be read
+    return images
+
+
+def require_rows(store: GalleryStore) -> None:
+    """StoreError unless the index holds at least one image."""
+    if store.count() == 0 or not store.meta.get("fingerprint"):
+        raise StoreError(f"index {store.root} is empty; add images with `reid index GALLERY --index {store.root}`")
+
+
+class Searcher:
+    """An open index plus the model that built it (checked by fingerprint)."""
+
+    def __init__(self, store: GalleryStore, model, device) -> None:
+        self.store = store
+        self.model = model
+        self.device = device
+
+    @classmethod
+    def open(cls, index: str | os.PathLike, *, device: str = "auto") -> "Searcher":
+        """Open a non-empty index read-only and load its model; StoreError when either is unusable."""
+        from reid.runtime import resolve_device
+
+        store = GalleryStore.open(index)
+        try:
+            model = cls._model_for(store, resolve_device(device))
+            return cls(store, model, next(model.parameters()).device)
+        except BaseException:
+            store.close()
+            raise
+
+    @staticmethod
+    def _model_for(store: GalleryStore, device):
+        require_rows(store)
+        meta = store.meta
+        source = meta.get("model_source", "default")
+        try:
+            model = load_model(source, device)
+        except CheckpointError as e:
+            raise StoreError(f"index {store.root} was built with the model {source}, which cannot be loaded "
+                             f"now: {e}") from None
+        fp = fingerprint(model)
+        if fp != meta["fingerprint"]:
+            raise StoreError(
+                f"the model {source} (fingerprint {fp}) is not the one index {store.root} was built with "
+                f"({meta['fingerprint']}); rebuild it: `reid index GALLERY --index {store.root} --rebuild"
+                f"{'' if source == 'default' else ' --weights ' + source}`")
+        return model
+
+    def close(self) -> None:
+        """Close the index."""
+        self.store.close()
+
+    def __enter__(self) -> "Searcher":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
+        """Embed decoded uint8 RGB images -> float32 [n, D], L2-normalised."""
+        from reid.embed import embed_arrays, model_input_size
+
+        size = model_input_size(self.model)
+        batch = np.stack([preprocess(img, size) for img in images])
+        return embed_arrays(self.model, batch, device=self.device)
+
+    def query(self, paths: Sequence[str | os.PathLike], *, top: int = 10, min_score: float | None = None,
+              images: Sequence[np.ndarray] | None = None) -> list[QueryResult]:
+        """Rank the gallery for each query image: best ``top`` matches scoring at least ``min_score``."""
+        if top < 1:
+            raise InputError(f"--top must be at least 1, not {top}")
+        images = load_queries(paths) if images is None else images
+        hits = self.store.search(self.embed(images), top)
+        results = []
+        for p, row in zip(paths, hits):
+            pid, camid = parse_market_name(Path(p).name)
+            matches = [Match(r, h.score, h.path, h.camid, h.pid) for r, h in enumerate(row, 1)
+                       if min_score is None or h.score >= min_score]
+            results.append(QueryResult(str(p), matches, pid, camid))
+        return results
+
+
+def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *, top: int = 10,
+                 min_score: float | None = None, device: str = "auto") -> list[QueryResult]:
+    """``reid query``: check the index and the images first (cheap), then load the model and search."""
+    if not paths:
+        raise InputError("no query image given")
+    with GalleryStore.open(index) as store:  # a missing or empty index fails before any decoding
+        require_rows(store)
+    images = load_queries(paths)
+    with Searcher.open(index, device=device) as searcher:
+        return searcher.query(paths, top=top, min_score=min_score, images=images)
