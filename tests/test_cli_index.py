@@ -390,3 +390,14 @@ def test_demo_with_the_default_model(tmp_path):
     assert "picture written" in res.stdout and (tmp_path / "demo" / "result.jpg").is_file()
     info = json.loads(run("info", "--index", tmp_path / "demo" / "index", "--json").stdout)
     assert info["model_source"] == "default" and info["dim"] == 512 and info["rows"] > 0
+
+
+def test_a_file_that_became_undecodable_leaves_the_index(tmp_path, ckpt):
+    files = make_gallery(tmp_path / "g", ids=2)
+    idx = tmp_path / "idx"
+    summary(index(tmp_path / "g", idx, ckpt))
+    files[1].write_bytes(files[1].read_bytes()[:200])  # truncated in place
+    got = summary(index(tmp_path / "g", idx, ckpt))
+    assert [Path(f["path"]).name for f in got["failed"]] == [files[1].name]
+    assert "truncated" in got["failed"][0]["reason"] and got["rows"] == 3
+    assert str(files[1].resolve()) not in {r[1] for r in rows(idx)}

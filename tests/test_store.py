@@ -236,3 +236,26 @@ def test_approximate_kinds_find_the_exact_neighbours(tmp_path, kind, monkeypatch
         # Removing rows from an index kind that cannot remove in place rebuilds it.
         s.remove([f"/g/{i:05d}.jpg" for i in range(10)])
         assert s.vectors().ntotal == n - 10 and s.vector_state().state == "fresh"
+
+
+def test_a_killed_save_leaves_no_temporary_file_behind(tmp_path):
+    root = tmp_path / "idx"
+    root.mkdir()
+    (root / f".{VECTORS_NAME}.12345.tmp").write_bytes(b"half a file")
+    GalleryStore.open(root, write=True).close()
+    assert not list(root.glob("*.tmp")) and not list(root.glob(".*.tmp"))
+
+
+@pytest.mark.gpu
+def test_flat_search_on_gpu_matches_cpu():
+    import faiss
+
+    if faiss.get_num_gpus() == 0:
+        pytest.skip("this FAISS build sees no GPU")
+    rng = np.random.default_rng(9)
+    vecs, queries = unit(rng, 5000, 64), unit(rng, 7, 64)
+    vi = VectorIndex.empty("flat", 64)
+    vi.add(np.arange(100, 5100), vecs)
+    gpu_s, gpu_i = vi.search(queries, 10)
+    cpu_s, cpu_i = vi._search_flat_cpu(queries, 10)
+    assert (gpu_i == cpu_i).all() and np.allclose(gpu_s, cpu_s, atol=1e-4)

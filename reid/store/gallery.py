@@ -71,6 +71,8 @@ class GalleryStore:
         lock = WriterLock(root)
         lock.acquire(wait)
         try:
+            for tmp in root.glob(f".{VECTORS_NAME}.*.tmp"):  # left by a save that was killed
+                tmp.unlink()
             return cls(root, Catalogue(root / CATALOGUE_NAME, create=True), lock)
         except BaseException:
             lock.release()

@@ -86,6 +86,7 @@ class VectorIndex:
         self.index = index
         self.kind = _kind_of(index)
         self._gpu = None
+        self._ids: np.ndarray | None = None
         self._tune()
 
     @classmethod
@@ -175,8 +176,10 @@ class VectorIndex:
         self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
     def ids(self) -> np.ndarray:
-        """The row ids held, in storage order (int64)."""
-        return faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
+        """The row ids held, in storage order (int64; do not modify)."""
+        if self._ids is None:
+            self._ids = faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
+        return self._ids
 
     def digest(self) -> int:
         """Order-free digest of the ids held (compare with the catalogue's ``id_digest``)."""
@@ -184,7 +187,7 @@ class VectorIndex:
 
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under the given ids."""
-        self._gpu = None
+        self._gpu = self._ids = None
         self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
                                 np.ascontiguousarray(ids, dtype=np.int64))
 
@@ -192,7 +195,7 @@ class VectorIndex:
         """Remove ids in place; False when the kind cannot remove (the caller then rebuilds)."""
         if self.kind != "flat":
             return False
-        self._gpu = None
+        self._gpu = self._ids = None
         self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
         return True
 

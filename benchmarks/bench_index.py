@@ -1,0 +1,290 @@
+"""Benchmark: `reid index` throughput, `reid query` latency at 100k rows, approximate search at 1M rows.
+
+Three parts, each against a baseline measured in the same run:
+  1. index: ``index_folder`` end to end (walk, hash, worker decoding, model, SQLite commits per
+     batch, FAISS save) in images/s, against the model alone on pre-decoded tensors (target >= 85%).
+     Also `reid index` from the shell (start-up and model load included), for orientation.
+  2. query: an index of ``--rows`` synthetic clustered vectors inserted through the store; search
+     alone per single query (target <= 10 ms) against ``faiss.IndexFlatIP.search`` on the same
+     vectors (the BLAS-threshold trap), and `reid query IMG` from the shell (target <= 3 s).
+  3. ann: ``--size`` clustered vectors (identities of ~20 images, 5 identities per look-alike
+     group) in the kind ``--kind auto`` picks; recall@10 against exact search (target >= 0.95)
+     and ms per single query (target <= 5 ms), with exact search time as the baseline.
+
+    python benchmarks/bench_index.py                     # all three, ~3-5 minutes on 2 cores
+    python benchmarks/bench_index.py --size 200000 --rows 20000 --images 96   # quick
+    python benchmarks/bench_index.py --parts ann --size 1000000
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+DIM = 512
+
+
+# --- data --------------------------------------------------------------------------------------
+
+
+def clustered(n: int, *, seed: int, dim: int = DIM, images_per_id: int = 20, ids_per_look: int = 5,
+              spread: float = 0.6) -> np.ndarray:
+    """L2-normalised vectors: look-alike groups -> identities -> images (float32 [n, dim]).
+
+    Group centres lie in a 64-d subspace (embeddings of real crops are far from isotropic). The
+    structure (groups and identities) depends only on ``n``; ``seed`` draws the images, so two
+    seeds give two sets of images of the same people (a gallery and its queries).
+    """
+    base = np.random.default_rng(12345)
+    ids = max(n // images_per_id, 1)
+    looks = max(ids // ids_per_look, 1)
+    basis = base.standard_normal((64, dim)).astype(np.float32)
+    centres = base.standard_normal((looks, 64)).astype(np.float32) @ basis
+    centres /= np.linalg.norm(centres, axis=1, keepdims=True)
+    people = centres[np.arange(ids) % looks] + spread * base.standard_normal((ids, dim)).astype(np.float32) / np.sqrt(dim)
+    people /= np.linalg.norm(people, axis=1, keepdims=True)
+    rng = np.random.default_rng(seed)
+    who = rng.integers(0, ids, n)
+    out = np.empty((n, dim), np.float32)
+    for s in range(0, n, 65536):
+        w = who[s : s + 65536]
+        x = people[w] + spread * rng.standard_normal((len(w), dim)).astype(np.float32) / np.sqrt(dim)
+        out[s : s + len(w)] = x / np.linalg.norm(x, axis=1, keepdims=True)
+    return out
+
+
+def exact_top(queries: np.ndarray, gallery: np.ndarray, k: int) -> np.ndarray:
+    """Exact top-k row numbers by inner product (numpy, blocked over the gallery)."""
+    best_s = np.full((len(queries), k), -np.inf, np.float32)
+    best_i = np.zeros((len(queries), k), np.int64)
+    for s in range(0, len(gallery), 262144):
+        sims = queries @ gallery[s : s + 262144].T
+        top = np.argpartition(-sims, k - 1, axis=1)[:, :k]
+        cand_s = np.concatenate([best_s, np.take_along_axis(sims, top, 1)], 1)
+        cand_i = np.concatenate([best_i, top + s], 1)
+        keep = np.argsort(-cand_s, axis=1)[:, :k]
+        best_s, best_i = np.take_along_axis(cand_s, keep, 1), np.take_along_axis(cand_i, keep, 1)
+    return best_i
+
+
+def write_crops(folder: Path, n: int) -> list[Path]:
+    """``n`` synthetic pedestrian JPEGs (128x64, Market names)."""
+    import cv2
+
+    from reid.datasets.render import render_person
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for i in range(n):
+        pid, cam = i // 6 + 1, i % 6 + 1
+        p = folder / f"{pid:04d}_c{cam}s1_{i:06d}_01.jpg"
+        if not p.exists():
+            img = render_person(pid, cam, np.random.default_rng(i), (128, 64))
+            cv2.imwrite(str(p), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+        paths.append(p)
+    return paths
+
+
+def timed_shell(args: list[str], repeats: int) -> list[float]:
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        proc = subprocess.run(args, cwd=ROOT, capture_output=True, text=True)
+        times.append(time.perf_counter() - t)
+        if proc.returncode != 0:
+            raise SystemExit(f"{' '.join(args)} failed:\n{proc.stderr[-2000:]}")
+    return times
+
+
+# --- parts -------------------------------------------------------------------------------------
+
+
+def bench_index(work: Path, n_images: int, rows: list) -> None:
+    from reid.embed import embed_arrays, model_input_size
+    from reid.images import decode_image, preprocess
+    from reid.model import build_model, model_fingerprint
+    from reid.store import GalleryStore
+    from reid.store.ingest import index_folder
+
+    paths = write_crops(work / "gallery", n_images)
+    model = build_model()
+    size = model_input_size(model)
+    batch = np.stack([preprocess(decode_image(p), size) for p in paths])
+    embed_arrays(model, batch[:32], batch_size=32)  # warm-up
+    model_rates, e2e_rates = [], []
+    for round_ in range(2):
+        t = time.perf_counter()
+        embed_arrays(model, batch, batch_size=32)
+        model_rates.append(n_images / (time.perf_counter() - t))
+        idx = work / f"index-{round_}"
+        with GalleryStore.open(idx, write=True) as store:
+            store.bind_model(fingerprint=model_fingerprint(model), source="default", dim=model.embed_dim)
+            t = time.perf_counter()
+            report = index_folder(store, model, work / "gallery", batch_size=32, workers=2)
+            e2e_rates.append(n_images / (time.perf_counter() - t))
+        assert report.added == n_images, report
+    m, e = max(model_rates), max(e2e_rates)
+    rows.append(("index", f"model alone, {n_images} crops, batch 32", f"{m:.1f} img/s", "baseline", ""))
+    rows.append(("index", "index_folder end to end (decode in 2 workers)", f"{e:.1f} img/s",
+                 ">= 85% of model", f"{e / m:.0%} {'ok' if e / m >= 0.85 else 'MISS'}"))
+    shell = timed_shell([sys.executable, "cli.py", "index", str(work / "gallery"), "--index", str(work / "index-cli"),
+                         "--batch-size", "32", "--json"], 1)[0]
+    rows.append(("index", "`reid index` from the shell (start-up included)", f"{n_images / shell:.1f} img/s",
+                 "orientation", f"{shell:.1f} s"))
+
+
+def bench_query(work: Path, n_rows: int, rows: list) -> None:
+    import faiss
+
+    from reid.model import build_model, model_fingerprint
+    from reid.store import GalleryStore, Record
+
+    idx = work / f"index-{n_rows}"
+    vecs = clustered(n_rows, seed=1)
+    if not (idx / "catalogue.sqlite").exists() or GalleryStore.open(idx).count() != n_rows:
+        fp = model_fingerprint(build_model())
+        with GalleryStore.open(idx, write=True) as store:
+            store.bind_model(fingerprint=fp, source="default", dim=DIM, rebuild=True)
+            t = time.perf_counter()
+            for s in range(0, n_rows, 20000):
+                recs = [Record(f"/bench/gallery/{i:07d}_c{i % 6 + 1}s1_000000_01.jpg", f"{i:064x}", 1, 1,
+                               i // 20, i % 6 + 1, "/bench/gallery") for i in range(s, min(s + 20000, n_rows))]
+                store.add(recs, vecs[s : s + 20000])
+            store.vectors()
+            rows.append(("query", f"insert {n_rows} rows + build/save FAISS", f"{time.perf_counter() - t:.1f} s", "", ""))
+    queries = clustered(n_rows, seed=2)[:100]
+
+    with GalleryStore.open(idx) as store:
+        store.search(queries[:1], 10)  # load vectors.faiss
+        per = []
+        for q in queries:
+            t = time.perf_counter()
+            store.search(q[None], 10)
+            per.append(time.perf_counter() - t)
+        ours = statistics.median(per) * 1e3
+    flat = faiss.IndexFlatIP(DIM)
+    flat.add(vecs)
+    base = []
+    for q in queries[:30]:
+        t = time.perf_counter()
+        flat.search(q[None], 10)
+        base.append(time.perf_counter() - t)
+    trap = statistics.median(base) * 1e3
+    rows.append(("query", f"faiss IndexFlatIP.search, 1 query x {n_rows}", f"{trap:.1f} ms", "baseline", ""))
+    rows.append(("query", "GalleryStore.search, 1 query (incl. SQLite rows)", f"{ours:.1f} ms", "<= 10 ms",
+                 f"{trap / ours:.1f}x faster {'ok' if ours <= 10 else 'MISS'}"))
+
+    crop = write_crops(work / "q", 1)[0]
+    cmd = [sys.executable, "cli.py", "query", str(crop), "--index", str(idx), "--json"]
+    shell = timed_shell(cmd, 3)
+    for mods in ("torch", "torch, timm, faiss"):  # what start-up alone costs before any reid code runs
+        floor = timed_shell([sys.executable, "-c", f"import {mods}"], 2)
+        rows.append(("query", f"python -c 'import {mods}' (floor)", f"{min(floor):.2f} s", "", ""))
+    rows.append(("query", f"`reid query` from the shell, {n_rows} rows", f"{statistics.median(shell):.2f} s",
+                 "<= 3 s", f"min {min(shell):.2f} s {'ok' if statistics.median(shell) <= 3 else 'MISS'}"))
+
+
+def bench_ann(n: int, kind: str, rows: list) -> None:
+    from reid.store.vectors import VectorIndex, resolve_kind
+
+    t = time.perf_counter()
+    gallery = clustered(n, seed=1)
+    queries = clustered(n, seed=2)[np.random.default_rng(3).choice(n, 200, replace=False)]
+    gen = time.perf_counter() - t
+    t = time.perf_counter()
+    truth = exact_top(queries, gallery, 10)
+    exact_ms = (time.perf_counter() - t) / len(queries) * 1e3  # batched: a lower bound for one query
+
+    concrete = resolve_kind(kind, n)
+    t = time.perf_counter()
+    vi = VectorIndex.empty(concrete, DIM, n)
+    want = vi.train_size()
+    if want:  # the same sampling as GalleryStore._build
+        sample = np.sort(np.random.default_rng(0).choice(n, size=min(want, n), replace=False))
+        vi.train(gallery[sample])
+    for s in range(0, n, 65536):
+        vi.add(np.arange(s, min(s + 65536, n)), gallery[s : s + 65536])
+    build = time.perf_counter() - t
+
+    vi.search(queries[:5], 10)
+    found, per = [], []
+    for q in queries:
+        t = time.perf_counter()
+        _, ids = vi.search(q[None], 10)
+        per.append(time.perf_counter() - t)
+        found.append(ids[0])
+    recall = float(np.mean([len(set(f.tolist()) & set(e.tolist())) / 10 for f, e in zip(found, truth)]))
+    ms = float(np.mean(per) * 1e3)
+    flat_ms = None
+    if concrete != "flat":
+        exact = VectorIndex.empty("flat", DIM)
+        exact.add(np.arange(n), gallery)
+        t = time.perf_counter()
+        for q in queries[:10]:
+            exact.search(q[None], 10)
+        flat_ms = (time.perf_counter() - t) / 10 * 1e3
+        del exact
+    rows.append(("ann", f"{n} clustered vectors: generate / build {concrete}", f"{gen:.0f} s / {build:.1f} s",
+                 "", f"kind {kind} -> {concrete}"))
+    if flat_ms is not None:
+        rows.append(("ann", "exact search (flat), 1 query", f"{flat_ms:.1f} ms", "baseline", ""))
+    rows.append(("ann", f"{concrete} recall@10 vs exact (200 queries)", f"{recall:.3f}", ">= 0.95",
+                 "ok" if recall >= 0.95 else "MISS"))
+    rows.append(("ann", f"{concrete} search, 1 query (mean)", f"{ms:.2f} ms", "<= 5 ms",
+                 ("ok" if ms <= 5 else "MISS") + (f", {flat_ms / ms:.0f}x faster than exact" if flat_ms else "")))
+    _ = exact_ms
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--parts", default="index,query,ann", help="comma-separated: index, query, ann")
+    ap.add_argument("--images", type=int, default=480, help="crops for the index throughput part")
+    ap.add_argument("--rows", type=int, default=100_000, help="rows of the query-latency index")
+    ap.add_argument("--size", type=int, default=1_000_000, help="vectors of the approximate-search part")
+    ap.add_argument("--kind", default="auto", help="index kind for the ann part (auto picks by size)")
+    ap.add_argument("--workdir", type=Path, default=None, help="keep data here (default: a temp folder)")
+    ap.add_argument("--json", type=Path, default=None, help="also write the table as JSON")
+    args = ap.parse_args()
+    from reid.runtime import prepare_torch
+
+    prepare_torch()
+    parts = set(args.parts.split(","))
+    rows: list[tuple[str, str, str, str, str]] = []
+    with tempfile.TemporaryDirectory(prefix="bench-index-") as tmp:
+        work = args.workdir or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        if "index" in parts:
+            bench_index(work / "index", args.images, rows)
+        if "query" in parts:
+            bench_query(work / "query", args.rows, rows)
+        if "ann" in parts:
+            bench_ann(args.size, args.kind, rows)
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"bench_index ({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')})")
+    for col in ("part", "measure", "value", "target", "result"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(*r)
+    Console(width=160).print(table)
+    if args.json:
+        args.json.write_text(json.dumps([dict(zip(("part", "measure", "value", "target", "result"), r)) for r in rows],
+                                        indent=1))
+
+
+if __name__ == "__main__":
+    main()
