@@ -2,11 +2,10 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
-import cv2
-import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -17,29 +16,14 @@ from reid.train import TrainConfig, train
 TINY_MODEL = dict(input_size=(64, 32), d_x=32, d_h=16, d_att=16, embed_dim=32)
 
 
-def _write_tiny(root: Path, seed: int = 0):
-    """Market-named crops of 8 train and 6 test identities (two colour bands each), as a Dataset."""
-    from reid.datasets.base import Dataset, Sample
+def _write_tiny(root: Path, seed: int = 0, num_train_ids: int = 8):
+    """A small synthetic Market-1501 (8 train / 6 test identities, 2 cameras, 64x32 crops), loaded."""
+    from reid.datasets import load
+    from reid.datasets.synthetic import write_market1501
 
-    rng = np.random.default_rng(seed)
-
-    def write(split, pids, n):
-        samples = []
-        for pid in pids:
-            colours = np.random.default_rng(pid).integers(0, 255, size=(2, 3))
-            for cam in (1, 2):
-                for j in range(n):
-                    img = np.zeros((64, 32, 3), np.uint8)
-                    img[:32], img[32:] = colours[0], colours[1]
-                    img = np.clip(img + rng.normal(0, 20, img.shape), 0, 255).astype(np.uint8)
-                    path = root / split / f"{pid:04d}_c{cam}s1_{j:06d}_00.jpg"
-                    path.parent.mkdir(parents=True, exist_ok=True)
-                    cv2.imwrite(str(path), img[:, :, ::-1])
-                    samples.append(Sample(path, pid, cam))
-        return samples
-
-    return Dataset("tiny", write("train", range(1, 9), 2), write("query", range(20, 26), 1),
-                   write("gallery", range(20, 26), 2))
+    write_market1501(root, num_train_ids=num_train_ids, num_test_ids=6, num_distractors=2, num_junk=1, cameras=2,
+                     images_per_cam=2, seed=seed, size=(64, 32))
+    return load("market1501", root)
 
 
 def _run(ds, out, *, epochs=3, on_event=None, resume=False, workers=0, eval_every=0):
@@ -82,7 +66,7 @@ def test_resume_after_interruption_gives_identical_weights(tmp_path):
     from reid.model import load_checkpoint
 
     model = load_checkpoint(tmp_path / "cut/last")
-    assert model.config.num_classes == 8 and tuple(model.config.input_size) == (64, 32)
+    assert model.config.num_classes == ds.num_train_pids == 8 and tuple(model.config.input_size) == (64, 32)
 
 
 def test_workers_do_not_change_the_trajectory(tmp_path):
@@ -101,15 +85,34 @@ def test_errors_for_existing_run_missing_run_and_other_data(tmp_path):
         _run(ds, tmp_path / "run", epochs=1)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         _run(ds, tmp_path / "empty", epochs=1, resume=True)
-    other = _write_tiny(tmp_path / "other", seed=1)
-    other = type(other)("tiny", other.train[:-4], other.query, other.gallery)
+    other = _write_tiny(tmp_path / "other", seed=1, num_train_ids=9)
     with pytest.raises(CheckpointError, match="was trained on"):
         _run(other, tmp_path / "run", epochs=2, resume=True)
-    with pytest.raises(InputError, match="lower --batch-p"):
+    with pytest.raises(InputError, match="P=9 identities.*has 8; lower --batch-p"):
         train(ds, tmp_path / "big", TrainConfig(batch_p=9, batch_k=2), pretrained=False, device="cpu")
-    empty = type(ds)("tiny", [], ds.query, ds.gallery)
+    empty = dataclasses.replace(ds, train=[])
     with pytest.raises(DatasetError, match="no training images"):
         train(empty, tmp_path / "none", TrainConfig(), pretrained=False, device="cpu")
     (tmp_path / "run/last/train_state.pt").write_bytes(b"not a torch file")
     with pytest.raises(CheckpointError, match="cannot read training state"):
         _run(ds, tmp_path / "run", epochs=2, resume=True)
+
+
+@pytest.mark.slow
+def test_short_training_lowers_loss_and_raises_map(tmp_path):
+    from reid.datasets import load
+    from reid.datasets.synthetic import write_market1501
+    from reid.model import ModelConfig, build_model
+    from reid.train.validate import evaluate_model
+
+    write_market1501(tmp_path / "data", num_train_ids=16, num_test_ids=12, num_distractors=4, num_junk=2,
+                     cameras=3, images_per_cam=2, size=(128, 64))
+    ds = load("market1501", tmp_path / "data")
+    mc = ModelConfig(input_size=(128, 64), d_x=64, d_h=32, d_att=32, embed_dim=128)
+    before = evaluate_model(build_model(mc, pretrained=True), ds, device=torch.device("cpu"), workers=0)
+    cfg = TrainConfig(epochs=12, batch_p=8, batch_k=4, lr=3e-3, warmup_epochs=1, eval_every=12)
+    result = train(ds, tmp_path / "run", cfg, model_config=mc, pretrained=True, device="cpu", workers=0)
+    records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
+    assert records[-1]["loss"] < 0.8 * records[0]["loss"]
+    assert result.last["mAP"] > before["mAP"] + 0.1, (before, result.last)
+    assert (tmp_path / "run/best/model.safetensors").is_file()

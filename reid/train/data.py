@@ -71,9 +71,17 @@ def _worker_init(_worker_id: int) -> None:
 
 
 def make_loader(
-    dataset: TrainImages, sampler: PKSampler, *, workers: int, pin_memory: bool = False
+    dataset: TrainImages, sampler: PKSampler, *, workers: int, pin_memory: bool = False,
+    start_method: str = "forkserver",
 ) -> torch.utils.data.DataLoader:
-    """DataLoader over the sampler's batches; workers persist across epochs (sampler.set_epoch still applies)."""
+    """DataLoader over the sampler's batches; workers persist across epochs (sampler.set_epoch still applies).
+
+    Workers start from a fresh server process by default: a worker forked from a parent that has
+    already used OpenCV's thread pool can hang forever in its first cv2 call (seen with fork).
+    """
+    import multiprocessing
+
+    context = multiprocessing.get_context(start_method) if workers > 0 else None
     return torch.utils.data.DataLoader(
         dataset,
         batch_sampler=sampler,
@@ -83,6 +91,7 @@ def make_loader(
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
         pin_memory=pin_memory,
+        multiprocessing_context=context,
         # The loader's own seed is unused (augmentation seeds come from the sampler); a private
         # generator keeps it from consuming the global torch RNG.
         generator=torch.Generator().manual_seed(0),

@@ -145,7 +145,8 @@ class _Run:
                     f"the run in {self.out} used {key}={getattr(old, key)}, not {getattr(self.cfg, key)}; "
                     f"resume with the same value or choose another --out"
                 )
-        changed = {k: (v, getattr(self.cfg, k)) for k, v in old.to_dict().items() if v != self.cfg.to_dict()[k]}
+        changed = {k: (v, getattr(self.cfg, k)) for k, v in old.to_dict().items()
+                   if v != self.cfg.to_dict()[k] and k not in ("epochs", "eval_every")}
         if changed:
             log.warning("resuming with changed settings (old -> new): %s", changed)
 
@@ -231,6 +232,7 @@ def _train(
             )
         state = load_state(run.last_dir)
         mc = model.config
+        run.write_run_file(mc.to_dict())  # the settings in force from now on (e.g. more --epochs)
     else:
         _seed_everything(config.seed)
         model = build_model(mc, pretrained=pretrained)
