@@ -404,5 +404,133 @@ def evaluate_cmd(
 # --- train (issue 5) --------------------------------------------------------------------------
 
 
+def _parse_size(text: str) -> tuple[int, int]:
+    """'256x128' -> (256, 128)."""
+    from reid.errors import InputError
+
+    try:
+        h, w = (int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise InputError(f"--input-size must look like 256x128 (height x width), not {text!r}") from None
+    return h, w
+
+
+@command("train")
+def train_cmd(
+    dataset: str = typer.Argument(..., help="market1501, dukemtmcreid, cuhk03, cuhk03-np or folder."),
+    root: Path = typer.Option(..., "--root", help="Folder holding the dataset as its owners ship it."),
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/DATASET)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs in all [60]."),
+    batch_p: Optional[int] = typer.Option(None, "--batch-p", min=1, help="Identities per batch [16]."),
+    batch_k: Optional[int] = typer.Option(None, "--batch-k", min=1, help="Images per identity [4]."),
+    lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (AdamW) [3.5e-4]."),
+    backbone_lr_mult: Optional[float] = typer.Option(None, "--backbone-lr-mult", help="Streams' lr / head lr [0.1]."),
+    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[5e-4]"),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, step or constant [cosine]."),
+    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", min=0, help="Linear warm-up [5]."),
+    milestones: Optional[str] = typer.Option(None, "--milestones", help="Step schedule: epochs of x0.1, e.g. 40,70."),
+    freeze_backbone_epochs: Optional[int] = typer.Option(None, "--freeze-backbone-epochs", min=0,
+                                                         help="Train only the head for the first N epochs [0]."),
+    attention_entropy: Optional[float] = typer.Option(None, "--attention-entropy", min=0.0,
+                                                      help="Weight of the attention-entropy regulariser [0]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 (CUDA) [auto]."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of sampling, augmentation, init [0]."),
+    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=0,
+                                             help="Evaluate every N epochs and at the end; 0 = never [10]."),
+    input_size: Optional[str] = typer.Option(None, "--input-size", help="Crop size HxW [256x128]."),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from the packaged ImageNet streams."),
+    variant: Optional[str] = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
+    protocol: Optional[str] = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
+    split: Optional[int] = typer.Option(None, "--split", help="cuhk03 classic split 0..19."),
+    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    workers: int = typer.Option(2, "--workers", min=0, help="Decoding processes."),
+    eval_batch_size: int = typer.Option(64, "--eval-batch-size", min=1),
+    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0,
+                                                help="Stop after the epoch past which another would not fit."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
+) -> None:
+    """Train the network on a dataset's training split; checkpoints in OUT/last and OUT/best, log in OUT/metrics.jsonl."""
+    import json
+
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from reid.datasets import load
+    from reid.errors import InputError
+    from reid.model import ModelConfig
+    from reid.train import TrainConfig, load_run_config, train
+
+    out_dir = out_dir or Path("runs") / dataset.lower()
+    changes = {k: v for k, v in dict(
+        epochs=epochs, batch_p=batch_p, batch_k=batch_k, lr=lr, backbone_lr_mult=backbone_lr_mult,
+        weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
+        freeze_backbone_epochs=freeze_backbone_epochs, attention_entropy_weight=attention_entropy,
+        precision=precision, seed=seed, eval_every=eval_every).items() if v is not None}
+    if milestones is not None:
+        try:
+            changes["milestones"] = tuple(int(m) for m in milestones.split(",") if m.strip())
+        except ValueError:
+            raise InputError(f"--milestones must be comma-separated epochs like 40,70, not {milestones!r}") from None
+    base = (load_run_config(out_dir) if resume else None) or TrainConfig()
+    config = base.replace(**changes)
+    model_config = ModelConfig(input_size=_parse_size(input_size)) if input_size else None
+    options = {k: v for k, v in dict(variant=variant, protocol=protocol, split=split).items() if v is not None}
+    data = load(dataset, root, **options)
+
+    state = {"mAP": None, "rank1": None}
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+               TextColumn("{task.fields[info]}"))
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("starting", total=None, info="")
+
+        def on_event(kind: str, info: dict) -> None:
+            if kind == "start":
+                err.print(f"training on {info['num_images']} images of {info['num_ids']} identities, "
+                          f"batch {info['batch_size']}, {info['device']} {info['precision']}, "
+                          f"epochs {info['start_epoch'] + 1}..{info['epochs']}")
+            elif kind == "step":
+                seen = "" if state["mAP"] is None else f"  mAP {state['mAP']:.1%} r1 {state['rank1']:.1%}"
+                bar.update(task, description=f"epoch {info['epoch']}", completed=info["step"], total=info["steps"],
+                           info=f"loss {info['loss']:.3f}  lr {info['lr']:.2e}  {info['images_per_s']:.1f} img/s{seen}")
+            elif kind == "eval_start":
+                bar.update(task, description=f"evaluating epoch {info['epoch']}", completed=0, total=None)
+            elif kind == "epoch":
+                if "mAP" in info:
+                    state["mAP"], state["rank1"] = info["mAP"], info["rank1"]
+                scored = f"  mAP {info['mAP']:.2%}  rank-1 {info['rank1']:.2%}" if "mAP" in info else ""
+                err.print(f"epoch {info['epoch']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
+                          f"{info['images_per_s']:.1f} img/s{scored}", highlight=False)
+
+        result = train(data, out_dir, config, model_config=model_config, pretrained=pretrained, device=device,
+                       workers=workers, resume=resume, eval_batch_size=eval_batch_size, on_event=on_event,
+                       max_seconds=max_minutes * 60 if max_minutes is not None else None)
+
+    summary = {
+        "out": str(result.out), "epochs_done": result.epochs_done, "stopped_early": result.stopped_early,
+        "best_mAP": result.best_map, "best_epoch": result.best_epoch, "images_per_s": round(result.images_per_s, 2),
+        "last": result.last, "last_checkpoint": str(result.out / "last"),
+        "best_checkpoint": str(result.out / "best") if result.best_epoch else None,
+    }
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    from rich.table import Table
+
+    table = Table(title=f"reid train {dataset}", show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("epochs", f"{result.epochs_done}" + (" (time budget reached)" if result.stopped_early else ""))
+    table.add_row("training speed", f"{result.images_per_s:.1f} img/s")
+    if "loss" in result.last:
+        table.add_row("last loss", f"{result.last['loss']:.4f}")
+    if "mAP" in result.last:
+        table.add_row("last mAP / rank-1", f"{result.last['mAP']:.2%} / {result.last['rank1']:.2%}")
+    if result.best_epoch:
+        table.add_row("best mAP", f"{result.best_map:.2%} (epoch {result.best_epoch}) -> {result.out / 'best'}")
+    table.add_row("checkpoint", str(result.out / "last"))
+    table.add_row("metrics log", str(result.out / "metrics.jsonl"))
+    out.print(table)
+
+
 if __name__ == "__main__":
     app()
