@@ -259,3 +259,12 @@ def test_flat_search_on_gpu_matches_cpu():
     gpu_s, gpu_i = vi.search(queries, 10)
     cpu_s, cpu_i = vi._search_flat_cpu(queries, 10)
     assert (gpu_i == cpu_i).all() and np.allclose(gpu_s, cpu_s, atol=1e-4)
+
+
+def test_ivf_lists_follow_the_gallery_size():
+    vi = VectorIndex.empty("ivfpq", DIM, 20_000)
+    assert vi.nlist == vectors_mod.ivf_lists(20_000) == 128
+    assert vi.train_size() == 128 * vectors_mod.IVFPQ_TRAIN_PER_LIST
+    assert not vi.outgrown(40_000) and vi.outgrown(400_000)  # re-trained once lists should be 4x more
+    assert vectors_mod.ivf_lists(1_000_000) == 1024
+    assert not VectorIndex.empty("flat", DIM).outgrown(10**9)

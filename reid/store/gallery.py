@@ -212,8 +212,9 @@ class GalleryStore:
             return VectorState("corrupt", str(e))
         if vi.ntotal != rows or vi.digest() != digest:
             return VectorState("stale", f"it holds {vi.ntotal} rows, the catalogue {rows}", vi.kind)
-        if vi.kind != kind or vi.dim != self.dim:
-            return VectorState("stale", f"it is a {vi.kind} index, the gallery wants {kind}", vi.kind)
+        if vi.kind != kind or vi.dim != self.dim or vi.outgrown(rows):
+            return VectorState("stale", f"it is a {vi.kind} index of {vi.ntotal} rows, the gallery wants {kind}",
+                               vi.kind)
         return VectorState("fresh", "", vi.kind)
 
     def vectors(self) -> VectorIndex:
@@ -238,8 +239,8 @@ class GalleryStore:
                     log.warning("%s; rebuilding it from the catalogue (%d rows)", e, rows)
             elif rows:
                 warn("%s is missing; rebuilding it from the catalogue (%d rows)", path, rows)
-            if vi is not None and (vi.kind != kind or vi.dim != dim):
-                log.info("switching %s from %s to %s (%d rows)", path, vi.kind, kind, rows)
+            if vi is not None and (vi.kind != kind or vi.dim != dim or vi.outgrown(rows)):
+                log.info("rebuilding %s as %s for %d rows (it is %s with %d)", path, kind, rows, vi.kind, vi.ntotal)
                 vi = None
             if vi is not None and vi.ntotal == rows and vi.digest() == digest:
                 self._vectors = vi

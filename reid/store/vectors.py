@@ -12,9 +12,11 @@ BLAS matrix-vector product over the same zero-copy array (``benchmarks/bench_ind
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
+from typing import Iterator
 
 import faiss
 import numpy as np
@@ -34,7 +36,7 @@ AUTO_ANN_KIND = "ivfpq"
 # IVF-PQ needs enough rows to train its coarse quantizer and 256-centroid sub-quantizers.
 IVFPQ_MIN_ROWS = 10_000
 IVFPQ_TRAIN_PER_LIST = 64  # training sample = lists x this (FAISS warns below 39)
-IVFPQ_NPROBE = 16
+IVFPQ_NPROBE = 64  # of ~sqrt(n) lists: recall@10 0.98 even on weakly clustered vectors (bench --spread 1.2)
 IVFPQ_REFINE = 16  # exact re-scoring of k x this PQ candidates
 HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
@@ -42,6 +44,20 @@ HNSW_EF_SEARCH = 128
 
 # Exact search scores at most this many query x gallery similarities at a time (bounded memory).
 _FLAT_BLOCK = 1 << 25
+# Approximate search of fewer queries than this runs on one OpenMP thread: a single IVF/HNSW query is
+# sub-millisecond work, and on a busy 2-core machine two threads waiting on each other made one
+# query at 1M rows take 15 ms instead of 0.3 ms (benchmarks/bench_index.py).
+ANN_SINGLE_THREAD_BELOW = 16
+
+
+@contextlib.contextmanager
+def _omp_threads(n: int) -> Iterator[None]:
+    before = faiss.omp_get_max_threads()
+    faiss.omp_set_num_threads(n)
+    try:
+        yield
+    finally:
+        faiss.omp_set_num_threads(before)
 
 
 def resolve_kind(kind: str, rows: int) -> str:
@@ -160,6 +176,17 @@ class VectorIndex:
         return int(self.index.ntotal)
 
     @property
+    def nlist(self) -> int:
+        """IVF lists of an ``ivfpq`` index (0 for other kinds)."""
+        if self.kind != "ivfpq":
+            return 0
+        return int(faiss.extract_index_ivf(faiss.downcast_index(self.index.index)).nlist)
+
+    def outgrown(self, rows: int) -> bool:
+        """True when the gallery grew so much since training that the IVF lists should be re-trained."""
+        return self.kind == "ivfpq" and ivf_lists(rows) >= 4 * self.nlist
+
+    @property
     def is_trained(self) -> bool:
         """False for an IVF-PQ index that still needs ``train``."""
         return bool(self.index.is_trained)
@@ -168,8 +195,7 @@ class VectorIndex:
         """How many sample vectors ``train`` wants (0 when the kind needs no training)."""
         if self.is_trained:
             return 0
-        nlist = faiss.extract_index_ivf(faiss.downcast_index(self.index.index)).nlist
-        return nlist * IVFPQ_TRAIN_PER_LIST
+        return self.nlist * IVFPQ_TRAIN_PER_LIST
 
     def train(self, sample: np.ndarray) -> None:
         """Train the coarse and product quantizers on a sample of the gallery."""
@@ -208,7 +234,8 @@ class VectorIndex:
         if k <= 0 or len(queries) == 0:
             return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
         if self.kind != "flat":
-            scores, ids = self.index.search(queries, k)
+            with _omp_threads(1 if len(queries) < ANN_SINGLE_THREAD_BELOW else faiss.omp_get_max_threads()):
+                scores, ids = self.index.search(queries, k)
             return scores, ids
         if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a CUDA build and device
             return self._search_gpu(queries, k)
