@@ -23,6 +23,11 @@ def resolve_device(name: str = "auto"):
     if name != "cpu" and not name.startswith("cuda"):
         raise InputError(f"unknown device {name!r}; expected one of: auto, cpu, cuda")
     prepare_torch()
+    if name.startswith("cuda"):
+        # TF32 convolutions round like fp16, which the packaged MobileNetV2 weights do not survive
+        # (embeddings drift from the CPU's); keep GPU embeddings comparable with CPU ones.
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
     return torch.device(name)
 
 
