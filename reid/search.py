@@ -82,6 +82,8 @@ class Searcher:
 
         store = GalleryStore.open(index)
         try:
+            require_rows(store)
+            store.prefetch()  # read vectors.faiss while the model loads
             model = cls._model_for(store, resolve_device(device))
             return cls(store, model, next(model.parameters()).device)
         except BaseException:
@@ -90,7 +92,6 @@ class Searcher:
 
     @staticmethod
     def _model_for(store: GalleryStore, device):
-        require_rows(store)
         meta = store.meta
         source = meta.get("model_source", "default")
         try:
@@ -145,8 +146,12 @@ def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *
     """``reid query``: check the index and the images first (cheap), then load the model and search."""
     if not paths:
         raise InputError("no query image given")
+    from reid.runtime import resolve_device
+
     with GalleryStore.open(index) as store:  # a missing or empty index fails before any decoding
         require_rows(store)
-    images = load_queries(paths)
-    with Searcher.open(index, device=device) as searcher:
+        store.prefetch()  # read vectors.faiss while the images decode and the model loads
+        images = load_queries(paths)
+        model = Searcher._model_for(store, resolve_device(device))
+        searcher = Searcher(store, model, next(model.parameters()).device)
         return searcher.query(paths, top=top, min_score=min_score, images=images)

@@ -268,3 +268,26 @@ def test_ivf_lists_follow_the_gallery_size():
     assert not vi.outgrown(40_000) and vi.outgrown(400_000)  # re-trained once lists should be 4x more
     assert vectors_mod.ivf_lists(1_000_000) == 1024
     assert not VectorIndex.empty("flat", DIM).outgrown(10**9)
+
+
+def test_prefetch_loads_vectors_in_the_background_and_reraises_its_errors(tmp_path, monkeypatch):
+    rng = np.random.default_rng(10)
+    vecs = unit(rng, 40)
+    with GalleryStore.open(tmp_path / "idx", write=True) as w:
+        w.bind_model(fingerprint="fp", source="default", dim=DIM)
+        w.add(records([f"{i:02d}.jpg" for i in range(40)]), vecs)
+        w.prefetch()  # a writer never prefetches
+        assert w._prefetch is None
+        expected = [[h.id for h in row] for row in w.search(vecs[:3], 4)]
+    with GalleryStore.open(tmp_path / "idx") as r:
+        r.prefetch()
+        assert [[h.id for h in row] for row in r.search(vecs[:3], 4)] == expected
+
+    def boom(path):
+        raise RuntimeError("disk on fire")
+
+    monkeypatch.setattr(VectorIndex, "load", staticmethod(boom))
+    with GalleryStore.open(tmp_path / "idx") as r:
+        r.prefetch()
+        with pytest.raises(RuntimeError, match="disk on fire"):
+            r.search(vecs[:1], 4)

@@ -9,6 +9,7 @@ same methods.
 from __future__ import annotations
 
 import logging
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Sequence
@@ -55,6 +56,8 @@ class GalleryStore:
         self.lock = lock
         self._vectors: VectorIndex | None = None
         self._changed = False  # rows added/removed by this process: a stale FAISS file is expected
+        self._prefetch: threading.Thread | None = None
+        self._prefetched: VectorIndex | BaseException | None = None
 
     @classmethod
     def open(cls, root: str | Path, *, write: bool = False, wait: float = 0.0) -> "GalleryStore":
@@ -80,6 +83,8 @@ class GalleryStore:
 
     def close(self) -> None:
         """Close the catalogue and release the writer lock."""
+        if self._prefetch is not None:
+            self._prefetch.join()
         self.catalogue.close()
         if self.lock is not None:
             self.lock.release()
@@ -217,6 +222,22 @@ class GalleryStore:
                                vi.kind)
         return VectorState("fresh", "", vi.kind)
 
+    def prefetch(self) -> None:
+        """Start loading the FAISS index in a background thread (FAISS releases the GIL), e.g. while
+        a model loads; ``vectors()`` then waits for it. Read-only stores only."""
+        if self._vectors is not None or self._prefetch is not None or self.lock is not None:
+            return
+
+        def load() -> None:
+            try:
+                with GalleryStore.open(self.root) as own:  # an SQLite connection is not shared across threads
+                    self._prefetched = own.vectors()
+            except BaseException as e:  # noqa: BLE001 - re-raised by vectors() in the caller's thread
+                self._prefetched = e
+
+        self._prefetch = threading.Thread(target=load, name="reid-vectors", daemon=True)
+        self._prefetch.start()
+
     def vectors(self) -> VectorIndex:
         """The FAISS index, loaded, or updated/rebuilt from the catalogue when it is missing, stale or corrupt.
 
@@ -225,6 +246,13 @@ class GalleryStore:
         """
         if self._vectors is not None:
             return self._vectors
+        if self._prefetch is not None:
+            self._prefetch.join()
+            got, self._prefetch, self._prefetched = self._prefetched, None, None
+            if isinstance(got, BaseException):
+                raise got
+            self._vectors = got
+            return got
         path = self.root / VECTORS_NAME
         warn = log.info if self._changed else log.warning
         with self.catalogue.snapshot():
