@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -82,11 +83,11 @@ def main() -> None:
     ap.add_argument("--cameras", type=int, default=6)
     ap.add_argument("--images-per-cam", type=int, default=2)
     ap.add_argument("--input-size", default="128x64", help="model input HxW (128x64 for CPU speed)")
-    ap.add_argument("--batch-p", type=int, default=16)
+    ap.add_argument("--batch-p", type=int, default=8)
     ap.add_argument("--batch-k", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--backbone-lr-mult", type=float, default=0.1)
-    ap.add_argument("--warmup-epochs", type=int, default=2)
+    ap.add_argument("--lr", type=float, default=3e-3)
+    ap.add_argument("--backbone-lr-mult", type=float, default=0.3)
+    ap.add_argument("--warmup-epochs", type=int, default=1)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--workers", type=int, default=2)
@@ -141,6 +142,7 @@ def main() -> None:
                 print(f"  epoch {info['epoch']}/{epochs}: loss {info['loss']:.3f} (ce {info.get('ce', 0):.3f}, "
                       f"triplet {info.get('triplet', 0):.3f}) {info['images_per_s']:.1f} img/s", file=sys.stderr)
 
+        shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run each time (--work may be reused for the data)
         t = time.perf_counter()
         result = train(dataset, run_dir, cfg, model_config=mc, pretrained=True, device=device, workers=args.workers,
                        max_seconds=budget, on_event=on_event)

@@ -110,9 +110,9 @@ def test_short_training_lowers_loss_and_raises_map(tmp_path):
     ds = load("market1501", tmp_path / "data")
     mc = ModelConfig(input_size=(128, 64), d_x=64, d_h=32, d_att=32, embed_dim=128)
     before = evaluate_model(build_model(mc, pretrained=True), ds, device=torch.device("cpu"), workers=0)
-    cfg = TrainConfig(epochs=12, batch_p=8, batch_k=4, lr=3e-3, warmup_epochs=1, eval_every=12)
+    cfg = TrainConfig(epochs=16, batch_p=8, batch_k=4, lr=3e-3, backbone_lr_mult=0.3, warmup_epochs=1, eval_every=16)
     result = train(ds, tmp_path / "run", cfg, model_config=mc, pretrained=True, device="cpu", workers=0)
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]
     assert records[-1]["loss"] < 0.8 * records[0]["loss"]
-    assert result.last["mAP"] > before["mAP"] + 0.1, (before, result.last)
+    assert result.last["mAP"] > 1.5 * before["mAP"], (before, result.last)
     assert (tmp_path / "run/best/model.safetensors").is_file()
