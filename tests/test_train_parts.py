@@ -244,3 +244,36 @@ def test_reid_loss_sums_weighted_parts():
     assert set(parts) == {"ce", "acc", "triplet", "triplet_acc", "attention_entropy", "loss"}
     total, parts = reid_loss(feats, None, None, labels)
     assert "ce" not in parts and math.isclose(float(total), parts["triplet"], rel_tol=1e-6)
+
+
+def test_train_transform_shape_range_and_seed():
+    from reid.train.transforms import TrainTransform
+
+    img = np.random.default_rng(0).integers(0, 256, size=(97, 41, 3), dtype=np.uint8)
+    t = TrainTransform(size=(64, 32))
+    a = t(img, np.random.default_rng(7))
+    b = t(img, np.random.default_rng(7))
+    assert a.shape == (3, 64, 32) and a.dtype == np.float32
+    assert 0.0 <= a.min() and a.max() <= 1.0
+    np.testing.assert_array_equal(a, b)
+    assert any(not np.array_equal(a, t(img, np.random.default_rng(s))) for s in range(8))
+    assert TrainTransform(size=(256, 128)).pad_pixels == 10 and t.pad_pixels == 2
+
+
+# --- schedule --------------------------------------------------------------------------------
+
+
+def test_lr_schedule_warmup_cosine_step():
+    from reid.train.schedule import lr_factor
+
+    kw = dict(epochs=10, warmup_epochs=2, warmup_factor=0.1)
+    assert math.isclose(lr_factor(0.0, **kw), 0.1)
+    assert math.isclose(lr_factor(1.0, **kw), 0.55)
+    assert math.isclose(lr_factor(2.0, **kw), 1.0)
+    assert math.isclose(lr_factor(6.0, **kw), 0.01 + 0.99 * 0.5)  # half-way through the cosine
+    assert math.isclose(lr_factor(10.0, **kw), 0.01)
+    step = dict(kw, schedule="step", milestones=(4, 8))
+    assert [lr_factor(e, **step) for e in (3.9, 4.0, 7.9, 8.0)] == pytest.approx([1.0, 0.1, 0.1, 0.01])
+    assert lr_factor(5.0, epochs=10, schedule="constant") == 1.0
+    with pytest.raises(InputError, match="unknown schedule"):
+        lr_factor(0.0, epochs=1, schedule="linear")

@@ -78,6 +78,13 @@ def dataset_identity(dataset: Any) -> dict[str, Any]:
     }
 
 
+def _describe(ident: Any) -> str:
+    if not isinstance(ident, dict):
+        return "an unknown dataset"
+    return (f"{ident.get('name')}: {ident.get('train_images')} images of {ident.get('train_ids')} identities, "
+            f"digest {ident.get('train_digest')}")
+
+
 def _seed_everything(seed: int) -> None:
     random.seed(seed)
     np.random.seed(seed % 2**32)
@@ -135,8 +142,8 @@ class _Run:
         ident = dataset_identity(self.dataset)
         if saved.get("dataset") != ident:
             raise CheckpointError(
-                f"the checkpoint in {self.out} was trained on {saved.get('dataset')}, not on this dataset "
-                f"({ident}); resume with the same dataset or choose another --out"
+                f"the checkpoint in {self.out} was trained on {_describe(saved.get('dataset'))}, not on this "
+                f"dataset ({_describe(ident)}); resume with the same dataset or choose another --out"
             )
         old = TrainConfig.from_dict(saved.get("config", {}))
         for key in _FIXED_ON_RESUME:
@@ -165,29 +172,6 @@ def train(
     out: str | Path,
     config: TrainConfig = TrainConfig(),
     *,
-    deterministic: bool = False,
-    **kwargs: Any,
-) -> TrainResult:
-    """Train an AttentionBilinearNet on ``dataset.train``; checkpoints, metrics and state go to ``out``.
-
-    Keyword options are those of ``_train`` (model_config, pretrained, device, workers, resume,
-    max_seconds, eval_batch_size, on_event). ``deterministic`` turns on
-    ``torch.use_deterministic_algorithms`` for the run (bit-exact resume tests).
-    """
-    previous = torch.are_deterministic_algorithms_enabled()
-    if deterministic:
-        torch.use_deterministic_algorithms(True)
-    try:
-        return _train(dataset, out, config, **kwargs)
-    finally:
-        torch.use_deterministic_algorithms(previous)
-
-
-def _train(
-    dataset: Any,
-    out: str | Path,
-    config: TrainConfig = TrainConfig(),
-    *,
     model_config: Any = None,
     pretrained: bool = True,
     device: str | torch.device = "auto",
@@ -195,17 +179,35 @@ def _train(
     resume: bool = False,
     max_seconds: float | None = None,
     eval_batch_size: int = 64,
+    deterministic: bool = False,
     on_event: Event | None = None,
 ) -> TrainResult:
-    """The training run behind ``train``.
+    """Train an AttentionBilinearNet on ``dataset.train``; checkpoints, metrics and state go to ``out``.
 
-    ``max_seconds`` stops before an epoch that would end past the budget. ``on_event(kind, info)``
-    receives "start", "step", "eval_start", "epoch" and "end" events (for progress displays).
+    ``model_config`` (a ``reid.model.ModelConfig``; num_classes is set from the data) defaults to
+    the default model. ``resume`` continues the run in ``out`` from its last epoch. ``max_seconds``
+    ends training after the epoch past which another one would not fit. ``deterministic`` turns on
+    ``torch.use_deterministic_algorithms`` for the run. ``on_event(kind, info)`` receives "start",
+    "step", "eval_start", "eval", "epoch" and "end" events (for progress displays). Loader workers
+    start with forkserver, so scripts calling this need the usual ``if __name__ == "__main__":`` guard.
     """
+    previous = torch.are_deterministic_algorithms_enabled()
+    if deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _train(dataset, Path(out), config, model_config=model_config, pretrained=pretrained, device=device,
+                      workers=workers, resume=resume, max_seconds=max_seconds, eval_batch_size=eval_batch_size,
+                      on_event=on_event)
+    finally:
+        torch.use_deterministic_algorithms(previous)
+
+
+def _train(dataset: Any, out: Path, config: TrainConfig, *, model_config: Any, pretrained: bool,
+           device: str | torch.device, workers: int, resume: bool, max_seconds: float | None,
+           eval_batch_size: int, on_event: Event | None) -> TrainResult:
     from reid.model import ModelConfig, build_model, load_checkpoint
     from reid.runtime import prepare_torch, resolve_device
 
-    out = Path(out)
     emit = on_event or (lambda kind, info: None)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     prepare_torch()
@@ -243,12 +245,18 @@ def _train(
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
     start_epoch, best_map, best_epoch = 0, None, None
     if state is not None:
-        optimizer.load_state_dict(state["optimizer"])
-        if scaler is not None and state.get("scaler"):
-            scaler.load_state_dict(state["scaler"])
-        sampler.load_state_dict(state["sampler"])
-        set_rng_state(state["rng"])
-        start_epoch, best_map, best_epoch = int(state["epoch"]), state.get("best_map"), state.get("best_epoch")
+        try:
+            optimizer.load_state_dict(state["optimizer"])
+            if scaler is not None and state.get("scaler"):
+                scaler.load_state_dict(state["scaler"])
+            sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+            start_epoch, best_map, best_epoch = int(state["epoch"]), state.get("best_map"), state.get("best_epoch")
+        except (KeyError, ValueError, TypeError, RuntimeError, InputError) as e:
+            raise CheckpointError(
+                f"the training state in {run.last_dir} does not fit this model and settings ({e}); "
+                f"choose another --out to start a new run"
+            ) from e
         run.metrics.truncate_after(start_epoch)
         log.info("resuming %s after epoch %d", out, start_epoch)
 
