@@ -123,22 +123,27 @@ def bench_index(work: Path, n_images: int, rows: list) -> None:
     size = model_input_size(model)
     batch = np.stack([preprocess(decode_image(p), size) for p in paths])
     embed_arrays(model, batch[:32], batch_size=32)  # warm-up
-    model_rates, e2e_rates = [], []
-    for round_ in range(2):
+    # Paired rounds (model alone, then end to end, on the same crops): the CPU is shared, so the ratio
+    # is taken within each pair and the median pair is reported.
+    pairs = []
+    for round_ in range(3):
         t = time.perf_counter()
         embed_arrays(model, batch, batch_size=32)
-        model_rates.append(n_images / (time.perf_counter() - t))
+        m = n_images / (time.perf_counter() - t)
         idx = work / f"index-{round_}"
         with GalleryStore.open(idx, write=True) as store:
             store.bind_model(fingerprint=model_fingerprint(model), source="default", dim=model.embed_dim)
             t = time.perf_counter()
             report = index_folder(store, model, work / "gallery", batch_size=32, workers=2)
-            e2e_rates.append(n_images / (time.perf_counter() - t))
+            e = n_images / (time.perf_counter() - t)
         assert report.added == n_images, report
-    m, e = max(model_rates), max(e2e_rates)
-    rows.append(("index", f"model alone, {n_images} crops, batch 32", f"{m:.1f} img/s", "baseline", ""))
+        pairs.append((e / m, m, e))
+    ratio, m, e = sorted(pairs)[1]
+    rows.append(("index", f"model alone, {n_images} crops, batch 32 (median of 3 pairs)", f"{m:.1f} img/s", "baseline",
+                 ""))
     rows.append(("index", "index_folder end to end (decode in 2 workers)", f"{e:.1f} img/s",
-                 ">= 85% of model", f"{e / m:.0%} {'ok' if e / m >= 0.85 else 'MISS'}"))
+                 ">= 85% of model", f"{ratio:.0%} {'ok' if ratio >= 0.85 else 'MISS'} "
+                 f"(pairs {', '.join(f'{p[0]:.0%}' for p in pairs)})"))
     shell = timed_shell([sys.executable, "cli.py", "index", str(work / "gallery"), "--index", str(work / "index-cli"),
                          "--batch-size", "32", "--json"], 1)[0]
     rows.append(("index", "`reid index` from the shell (start-up included)", f"{n_images / shell:.1f} img/s",
@@ -251,7 +256,7 @@ def bench_ann(n: int, kind: str, spread: float, rows: list) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="index,query,ann", help="comma-separated: index, query, ann")
-    ap.add_argument("--images", type=int, default=480, help="crops for the index throughput part")
+    ap.add_argument("--images", type=int, default=320, help="crops for the index throughput part")
     ap.add_argument("--rows", type=int, default=100_000, help="rows of the query-latency index")
     ap.add_argument("--size", type=int, default=1_000_000, help="vectors of the approximate-search part")
     ap.add_argument("--kind", default="auto", help="index kind for the ann part (auto picks by size)")
