@@ -12,7 +12,7 @@ from typing import Callable, Sequence
 import numpy as np
 import torch
 
-from reid.images import decode_image, preprocess
+from reid.images import decode_image, resize_crop
 from reid.errors import ReidError
 from reid.runtime import prepare_torch
 
@@ -41,7 +41,7 @@ class _Crops(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         try:
-            return i, preprocess(decode_image(self.paths[i]), self.size), None
+            return i, resize_crop(decode_image(self.paths[i]), self.size), None
         except ReidError as e:
             return i, None, str(e)
         except Exception as e:  # noqa: BLE001 - a decoder crash on one file must not stop the run
@@ -52,7 +52,7 @@ def _collate(items):
     ok = [(i, x) for i, x, _ in items if x is not None]
     failed = [(i, reason) for i, x, reason in items if x is None]
     idx = torch.tensor([i for i, _ in ok], dtype=torch.long)
-    batch = torch.from_numpy(np.stack([x for _, x in ok])) if ok else None
+    batch = torch.from_numpy(np.stack([x for _, x in ok])) if ok else None  # uint8 [B,H,W,3]
     return idx, batch, failed
 
 
@@ -75,6 +75,8 @@ def inference_context(model: torch.nn.Module, device: torch.device):
 @torch.inference_mode()
 def _run(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, flip: bool) -> torch.Tensor:
     x = batch.to(device, non_blocking=True)
+    if x.dtype == torch.uint8:  # [B,H,W,3] from the decoding workers
+        x = x.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
     with inference_context(model, device):
         feats = model(x).float()
         if flip:

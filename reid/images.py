@@ -91,10 +91,20 @@ def parse_market_name(name: str) -> tuple[int | None, int | None]:
     return int(m.group(1)), int(m.group(2))
 
 
+def resize_crop(img: np.ndarray, size: tuple[int, int] = (256, 128)) -> np.ndarray:
+    """Resize a uint8 HxWx3 RGB image to ``size`` = (H, W), still uint8 (4x less to move between processes)."""
+    h, w = size
+    if img.shape[:2] == (h, w):
+        return img
+    interp = cv2.INTER_AREA if img.shape[0] > 2 * h else cv2.INTER_LINEAR
+    return cv2.resize(img, (w, h), interpolation=interp)
+
+
+def to_unit_float(img: np.ndarray) -> np.ndarray:
+    """uint8 HxWx3 -> float32 3xHxW in [0, 1]."""
+    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) * np.float32(1.0 / 255.0)
+
+
 def preprocess(img: np.ndarray, size: tuple[int, int] = (256, 128)) -> np.ndarray:
     """Resize a uint8 HxWx3 RGB image to ``size`` = (H, W) and return float32 3xHxW in [0, 1]."""
-    h, w = size
-    if img.shape[:2] != (h, w):
-        interp = cv2.INTER_AREA if img.shape[0] > 2 * h else cv2.INTER_LINEAR
-        img = cv2.resize(img, (w, h), interpolation=interp)
-    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) * np.float32(1.0 / 255.0)
+    return to_unit_float(resize_crop(img, size))
