@@ -47,6 +47,10 @@ class Batch:
     labels: torch.Tensor
     index: torch.Tensor
 
+    def pin_memory(self) -> Batch:
+        """Page-locked copy (the DataLoader calls this when pin_memory=True, for async CUDA copies)."""
+        return Batch(self.images.pin_memory(), self.labels.pin_memory(), self.index.pin_memory())
+
 
 class _Collate:
     """Stack a batch; a training image that cannot be decoded stops training with its path."""
