@@ -79,8 +79,9 @@ _MOBILENET_V2_STAGES = ((1, 16, 1, 1), (6, 24, 2, 2), (6, 32, 3, 2), (6, 64, 4, 
                         (6, 160, 3, 2), (6, 320, 1, 1))
 
 
-def mobilenet_v2_trunk() -> nn.Sequential:
-    """The 19 layers of torchvision's ``mobilenet_v2().features`` (width 1.0), randomly initialised."""
+def mobilenet_v2_trunk(init: bool = True) -> nn.Sequential:
+    """The 19 layers of torchvision's ``mobilenet_v2().features`` (width 1.0); ``init=False`` when weights
+    are loaded next (He initialisation of every conv is a noticeable part of a one-shot query)."""
     layers: list[nn.Module] = [_conv_bn_relu6(3, 32, stride=2)]
     cin = 32
     for t, c, n, s in _MOBILENET_V2_STAGES:
@@ -89,7 +90,8 @@ def mobilenet_v2_trunk() -> nn.Sequential:
             cin = c
     layers.append(_conv_bn_relu6(cin, 1280, kernel=1))
     trunk = nn.Sequential(*layers)
-    _init(trunk)
+    if init:
+        _init(trunk)
     return trunk
 
 
@@ -149,7 +151,7 @@ _LITE0_STAGES = ((3, 1, 1, 16, 1), (3, 2, 6, 24, 2), (5, 2, 6, 40, 2), (3, 2, 6,
 class EfficientNetLite0(nn.Module):
     """EfficientNet-Lite0 (ReLU6, no squeeze-excitation, fixed stem/head) as an ImageNet classifier."""
 
-    def __init__(self, num_classes: int = 1000) -> None:
+    def __init__(self, num_classes: int = 1000, *, init: bool = True) -> None:
         super().__init__()
         self.conv_stem = _tf_conv(3, 32, 3, stride=2)
         self.bn1 = BatchNormAct2d(32, eps=_TF_BN_EPS, act=True)
@@ -165,7 +167,8 @@ class EfficientNetLite0(nn.Module):
         self.conv_head = _tf_conv(cin, 1280, 1)
         self.bn2 = BatchNormAct2d(1280, eps=_TF_BN_EPS, act=True)
         self.classifier = nn.Linear(1280, num_classes)
-        _init(self)
+        if init:
+            _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Normalised image [B,3,H,W] -> class logits [B, num_classes]."""

@@ -83,7 +83,7 @@ def mobilenet_v2_key(key: str) -> str:
 
 def mobilenet_v2_features(pretrained: bool = True) -> nn.Sequential:
     """torchvision's ``mobilenet_v2().features`` (all 19 layers), with the packaged ImageNet weights."""
-    features = mobilenet_v2_trunk()
+    features = mobilenet_v2_trunk(init=not pretrained)
     if pretrained:
         path = packaged_weights_path(MOBILENET_PACKAGE, MOBILENET_FILE)
         state = {mobilenet_v2_key(k): v for k, v in _load_state(path).items()}
@@ -150,7 +150,7 @@ def lite0_key(key: str) -> str:
 
 def efficientnet_lite0(pretrained: bool = True) -> nn.Module:
     """The whole EfficientNet-Lite0 classifier (ImageNet, 1000 classes) with the packaged weights."""
-    net = EfficientNetLite0()
+    net = EfficientNetLite0(init=not pretrained)
     if pretrained:
         path = packaged_weights_path(LITE0_PACKAGE, LITE0_FILE)
         state = {lite0_key(k): v for k, v in _load_state(path).items()}
