@@ -304,6 +304,9 @@ def _train_epoch(model, loader, sampler, optimizer, scaler, config, weights, dev
     t_epoch = time.perf_counter()
     sampler.set_epoch(epoch)
     model.train()
+    # The streams run in fp32 under autocast unless allowed: inference must match fp32 embeddings, but
+    # training them in mixed precision (AMP on CUDA) is fine. Reset below, before any evaluation.
+    model.allow_autocast = precision != "fp32"
     _set_backbone_frozen(model, epoch < config.freeze_backbone_epochs)
     steps, sums, n_images = len(sampler), {}, 0
     for step, batch in enumerate(loader):
@@ -332,6 +335,7 @@ def _train_epoch(model, loader, sampler, optimizer, scaler, config, weights, dev
         dt = time.perf_counter() - t_epoch
         emit("step", {"epoch": epoch + 1, "step": step + 1, "steps": steps, "lr": optimizer.param_groups[-1]["lr"],
                       "images_per_s": n_images / max(dt, 1e-9), **parts})
+    model.allow_autocast = False
     train_s = time.perf_counter() - t_epoch
     return {
         "epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "images": n_images,
