@@ -194,7 +194,7 @@ def bench_query(work: Path, n_rows: int, rows: list) -> None:
     crop = write_crops(work / "q", 1)[0]
     cmd = [sys.executable, "cli.py", "query", str(crop), "--index", str(idx), "--json"]
     shell = timed_shell(cmd, 3)
-    for mods in ("torch", "torch, timm, faiss"):  # what start-up alone costs before any reid code runs
+    for mods in ("torch", "torch, faiss"):  # what start-up alone costs before any reid code runs
         floor = timed_shell([sys.executable, "-c", f"import {mods}"], 2)
         rows.append(("query", f"python -c 'import {mods}' (floor)", f"{min(floor):.2f} s", "", ""))
     rows.append(("query", f"`reid query` from the shell, {n_rows} rows", f"{statistics.median(shell):.2f} s",
