@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from enum import Enum
 from pathlib import Path
 from typing import List, Optional
 
@@ -22,6 +23,14 @@ app = typer.Typer(
 )
 err = Console(stderr=True)
 out = Console(highlight=False)
+
+
+class DeviceName(str, Enum):
+    """--device: auto picks CUDA when present."""
+
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
 
 
 def command(*args, **kwargs):
@@ -102,8 +111,6 @@ def model_cmd(
 
 # --- index / query / info / demo (issue 4) ----------------------------------------------------
 
-from enum import Enum  # noqa: E402 - kept in this section to leave the shared header alone
-
 DEFAULT_INDEX = Path("indexes/default")
 _INDEX_HELP = "Index folder (env REID_INDEX)."
 
@@ -117,12 +124,6 @@ class IndexKind(str, Enum):
     flat = "flat"
     hnsw = "hnsw"
     ivfpq = "ivfpq"
-
-
-class DeviceName(str, Enum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
 
 
 def _index_progress():
@@ -323,7 +324,7 @@ def evaluate_cmd(
     flip: bool = typer.Option(False, "--flip", help="Average embeddings with horizontally flipped crops."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     workers: int = typer.Option(2, "--workers", min=0, help="Decoding processes."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the CMC curve (ranks 1-50) to this picture."),
     ranks: Optional[Path] = typer.Option(None, "--ranks", help="Write the top-10 of sampled queries to this picture."),
@@ -355,7 +356,7 @@ def evaluate_cmd(
         task = bar.add_task("embed", total=None)
         ev = ev_mod.evaluate(
             dataset, root, weights=weights, variant=variant, protocol=protocol, split=split, rerank=rerank, ap=ap,
-            flip=flip, batch_size=batch_size, workers=workers, device=device, use_cache=not no_cache, seed=seed,
+            flip=flip, batch_size=batch_size, workers=workers, device=device.value, use_cache=not no_cache, seed=seed,
             progress=lambda done, total: bar.update(task, completed=done, total=total),
         )
     rep = ev.report
@@ -442,7 +443,7 @@ def train_cmd(
     variant: Optional[str] = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
     split: Optional[int] = typer.Option(None, "--split", help="cuhk03 classic split 0..19."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
+    device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     workers: int = typer.Option(2, "--workers", min=0, help="Decoding processes."),
     eval_batch_size: int = typer.Option(64, "--eval-batch-size", min=1),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0,
@@ -501,7 +502,7 @@ def train_cmd(
                 err.print(f"epoch {info['epoch']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
                           f"{info['images_per_s']:.1f} img/s{scored}", highlight=False)
 
-        result = train(data, out_dir, config, model_config=model_config, pretrained=pretrained, device=device,
+        result = train(data, out_dir, config, model_config=model_config, pretrained=pretrained, device=device.value,
                        workers=workers, resume=resume, eval_batch_size=eval_batch_size, on_event=on_event,
                        max_seconds=max_minutes * 60 if max_minutes is not None else None)
 
