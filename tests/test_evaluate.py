@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from reid import evaluate as ev
+from reid import feature_cache as fc
 from reid import viz
 from reid.datasets import load
 from reid.datasets.synthetic import write_cuhk03_np, write_market1501
@@ -228,38 +228,38 @@ def test_cache_key_depends_on_model_flip_and_file_contents(tmp_path):
     a, b = tmp_path / "a.jpg", tmp_path / "b.jpg"
     a.write_bytes(b"1")
     b.write_bytes(b"22")
-    key = ev.feature_cache_key("m1", False, [a, b])
-    assert key == ev.feature_cache_key("m1", False, [b, a])  # order-free
-    assert key != ev.feature_cache_key("m2", False, [a, b])
-    assert key != ev.feature_cache_key("m1", True, [a, b])
-    assert key != ev.feature_cache_key("m1", False, [a])
+    key = fc.feature_cache_key("m1", False, [a, b])
+    assert key == fc.feature_cache_key("m1", False, [b, a])  # order-free
+    assert key != fc.feature_cache_key("m2", False, [a, b])
+    assert key != fc.feature_cache_key("m1", True, [a, b])
+    assert key != fc.feature_cache_key("m1", False, [a])
     b.write_bytes(b"333")  # size changes
-    resized = ev.feature_cache_key("m1", False, [a, b])
+    resized = fc.feature_cache_key("m1", False, [a, b])
     assert resized != key
     st = os.stat(a)
     os.utime(a, ns=(st.st_atime_ns, st.st_mtime_ns + 10**9))  # same size, touched
-    assert ev.feature_cache_key("m1", False, [a, b]) != resized
+    assert fc.feature_cache_key("m1", False, [a, b]) != resized
     with pytest.raises(DatasetError):
-        ev.feature_cache_key("m1", False, [tmp_path / "gone.jpg"])
+        fc.feature_cache_key("m1", False, [tmp_path / "gone.jpg"])
 
 
 def test_cache_roundtrip_and_corrupt_entry_is_ignored(tmp_path, caplog):
-    table = ev.FeatureTable(["x.jpg", "y.jpg"], np.arange(8, dtype=np.float32).reshape(2, 4), [("z.jpg", "broken")])
+    table = fc.FeatureTable(["x.jpg", "y.jpg"], np.arange(8, dtype=np.float32).reshape(2, 4), [("z.jpg", "broken")])
     path = tmp_path / "k.npz"
-    ev.save_cached(path, table)
-    back = ev.load_cached(path)
+    fc.save_cached(path, table)
+    back = fc.load_cached(path)
     assert back.paths == table.paths and np.array_equal(back.features, table.features)
     assert back.failures == table.failures and back.rows(["y.jpg", "z.jpg"]).tolist() == [1, -1]
     path.write_bytes(b"PK\x03\x04 not really a zip")
-    assert ev.load_cached(path) is None and "ignoring unreadable feature cache" in caplog.text
-    assert ev.load_cached(tmp_path / "missing.npz") is None
+    assert fc.load_cached(path) is None and "ignoring unreadable feature cache" in caplog.text
+    assert fc.load_cached(tmp_path / "missing.npz") is None
 
 
 def test_cache_dir_follows_env(monkeypatch, tmp_path):
     monkeypatch.setenv("REID_CACHE", str(tmp_path / "c"))
-    assert ev.cache_dir() == tmp_path / "c"
+    assert fc.cache_dir() == tmp_path / "c"
     monkeypatch.delenv("REID_CACHE")
-    assert ev.cache_dir() == Path("~/.cache/reid/features").expanduser()
+    assert fc.cache_dir() == Path("~/.cache/reid/features").expanduser()
 
 
 def test_unwritable_cache_warns_but_evaluates(market, weights, tmp_path, monkeypatch, caplog):

@@ -1,0 +1,144 @@
+"""On-disk cache of embeddings: one ``.npz`` per (model fingerprint, flip, files' paths/sizes/mtimes).
+
+Evaluating again with other options (re-ranking, AP mode) reads the features instead of re-embedding.
+Written atomically, read with ``allow_pickle=False``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+
+from reid.errors import DatasetError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_CACHE_DIR = "~/.cache/reid/features"
+CACHE_VERSION = 1
+
+
+
+def cache_dir() -> Path:
+    """The feature cache folder: ``$REID_CACHE`` when set, else ``~/.cache/reid/features``."""
+    return Path(os.environ.get("REID_CACHE") or DEFAULT_CACHE_DIR).expanduser()
+
+
+def feature_cache_key(fingerprint: str, flip: bool, paths: Sequence[str | Path]) -> str:
+    """sha256 of (model fingerprint, flip, sorted (path, size, mtime) of the files)."""
+    files = []
+    for p in map(os.fspath, paths):  # plain os calls: pathlib.resolve() costs 100 us a file
+        try:
+            st = os.stat(p)
+        except OSError as e:
+            raise DatasetError(f"{p}: cannot read dataset file ({e.strerror or e})") from None
+        files.append((os.path.abspath(p), st.st_size, st.st_mtime_ns))
+    files.sort()
+    doc = json.dumps({"v": CACHE_VERSION, "fingerprint": fingerprint, "flip": bool(flip), "files": files})
+    return hashlib.sha256(doc.encode()).hexdigest()
+
+
+@dataclass
+class FeatureTable:
+    """Features of distinct files: ``features[i]`` belongs to ``paths[i]``; ``failures`` did not decode."""
+
+    paths: list[str]
+    features: np.ndarray
+    failures: list[tuple[str, str]] = field(default_factory=list)
+
+    def rows(self, paths: Sequence[str | Path]) -> np.ndarray:
+        """Row of each path (-1 for a file that failed to decode)."""
+        where = {p: i for i, p in enumerate(self.paths)}
+        return np.array([where.get(str(p), -1) for p in paths], dtype=np.int64)
+
+
+def load_cached(path: Path) -> FeatureTable | None:
+    """Read a cache entry; None (with a warning) when it is missing or unreadable."""
+    if not path.is_file():
+        return None
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            table = FeatureTable(
+                paths=[str(p) for p in z["paths"]],
+                features=np.ascontiguousarray(z["features"], dtype=np.float32),
+                failures=list(zip((str(p) for p in z["failed_paths"]), (str(r) for r in z["failed_reasons"]))),
+            )
+    except Exception as e:  # noqa: BLE001 - a corrupt cache entry is recomputed, never fatal
+        log.warning("ignoring unreadable feature cache %s (%s)", path, e)
+        return None
+    if table.features.shape[0] != len(table.paths):
+        log.warning("ignoring inconsistent feature cache %s", path)
+        return None
+    return table
+
+
+def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
+    """Write arrays to ``path`` atomically (temp file in the same folder, then ``os.replace``); no pickles."""
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            np.savez(fh, **arrays)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save_cached(path: Path, table: FeatureTable) -> None:
+    """Write a cache entry atomically."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_npz(path, {
+        "features": table.features.astype(np.float32),
+        "paths": np.array(table.paths, dtype=np.str_),
+        "failed_paths": np.array([p for p, _ in table.failures], dtype=np.str_),
+        "failed_reasons": np.array([r for _, r in table.failures], dtype=np.str_),
+    })
+
+
+def embed_files(
+    model,
+    paths: Sequence[str | Path],
+    *,
+    fingerprint: str,
+    flip: bool = False,
+    batch_size: int = 32,
+    workers: int = 2,
+    device=None,
+    use_cache: bool = True,
+    progress: Callable[[int, int], None] | None = None,
+) -> tuple[FeatureTable, str]:
+    """Embed each distinct file once, through the cache; returns the table and "hit" | "miss" | "off"."""
+    from reid.embed import embed_paths
+
+    unique = list(dict.fromkeys(str(p) for p in paths))
+    entry = cache_dir() / f"{feature_cache_key(fingerprint, flip, unique)}.npz" if use_cache else None
+    if entry is not None:
+        cached = load_cached(entry)
+        if cached is not None and set(cached.paths) | {p for p, _ in cached.failures} == set(unique):
+            log.info("feature cache hit: %s", entry)
+            return cached, "hit"
+    done = 0
+
+    def advance(n: int) -> None:
+        nonlocal done
+        done += n
+        if progress is not None:
+            progress(done, len(unique))
+
+    res = embed_paths(model, unique, batch_size=batch_size, workers=workers, device=device, flip=flip, progress=advance)
+    table = FeatureTable([str(p) for p in res.paths], res.features, [(str(p), r) for p, r in res.failures])
+    if entry is not None:
+        try:
+            save_cached(entry, table)
+            log.info("feature cache written: %s", entry)
+        except OSError as e:  # a read-only or full cache folder costs the next run time, not this one's result
+            log.warning("could not write the feature cache %s (%s); set REID_CACHE to a writable folder", entry, e)
+    return table, "miss" if entry is not None else "off"
