@@ -10,13 +10,13 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
 import numpy as np
 
+from reid.atomic import atomic_path
 from reid.errors import DatasetError
 
 log = logging.getLogger(__name__)
@@ -81,14 +81,8 @@ def load_cached(path: Path) -> FeatureTable | None:
 
 def write_npz(path: Path, arrays: dict[str, np.ndarray]) -> Path:
     """Write arrays to ``path`` atomically (temp file in the same folder, then ``os.replace``); no pickles."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=".npz", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            np.savez(fh, **arrays)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "wb") as fh:  # a file object: np.savez would add ".npz" to a name
+        np.savez(fh, **arrays)
     return path
 
 

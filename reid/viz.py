@@ -7,8 +7,6 @@ colour order when writing. Nothing here needs matplotlib.
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Mapping, Sequence
@@ -16,6 +14,7 @@ from typing import Callable, Mapping, Sequence
 import cv2
 import numpy as np
 
+from reid.atomic import atomic_path
 from reid.errors import InputError
 
 log = logging.getLogger(__name__)
@@ -52,14 +51,8 @@ def save_image(path: str | Path, image_rgb: np.ndarray, *, quality: int = 92) ->
     ok, buf = cv2.imencode(ext, cv2.cvtColor(image, cv2.COLOR_RGB2BGR), params)
     if not ok:
         raise InputError(f"OpenCV could not encode a {ext} picture for {path}")
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.tobytes())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.tobytes())
     log.info("wrote %s (%dx%d)", path, image.shape[1], image.shape[0])
     return path
 

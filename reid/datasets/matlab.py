@@ -13,6 +13,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from reid.atomic import atomic_path
+
 USERBLOCK_SIZE = 512
 DEFAULT_CREATED = "Mon Jan  1 00:00:00 2018"
 
@@ -127,7 +129,12 @@ def write_mat73(
     Written to a temp name and renamed, so a reader never sees half a file.
     """
     path = Path(path)
-    tmp = path.with_name(path.name + ".partial")
+    with atomic_path(path) as tmp:
+        _write_v73(tmp, variables, created, compress)
+    return path
+
+
+def _write_v73(tmp: Path, variables, created: str, compress: bool) -> None:
     with h5py.File(tmp, "w", userblock_size=USERBLOCK_SIZE, libver="earliest") as f:
         refs = f.create_group("#refs#")
         namer = _RefNamer()
@@ -141,5 +148,3 @@ def write_mat73(
     header = text.ljust(116, b" ") + b"\x00" * 8 + (0x0200).to_bytes(2, "little") + b"IM"
     with open(tmp, "r+b") as fh:
         fh.write(header.ljust(USERBLOCK_SIZE, b"\x00"))
-    os.replace(tmp, path)
-    return path

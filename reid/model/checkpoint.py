@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from reid.atomic import atomic_path
 from reid.errors import CheckpointError
 from reid.model.net import AttentionBilinearNet, ModelConfig, build_model
 
@@ -31,12 +32,6 @@ def _state_dict(model: AttentionBilinearNet) -> dict[str, torch.Tensor]:
     return {k: v.detach().to("cpu").contiguous().clone() for k, v in model.state_dict().items()}
 
 
-def _replace_atomically(tmp: Path, final: Path) -> None:
-    with open(tmp, "rb") as fh:
-        os.fsync(fh.fileno())
-    os.replace(tmp, final)
-
-
 def save_checkpoint(model: AttentionBilinearNet, path: str | os.PathLike) -> Path:
     """Save to a folder (config.json + model.safetensors) or, for a path ending in .pt, one tensors-only file."""
     from safetensors.torch import save_file
@@ -46,17 +41,14 @@ def save_checkpoint(model: AttentionBilinearNet, path: str | os.PathLike) -> Pat
     state = _state_dict(model)
     if path.suffix == ".pt":
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(path.name + ".tmp")
-        torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": config, "state_dict": state}, tmp)
-        _replace_atomically(tmp, path)
+        with atomic_path(path) as tmp:
+            torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": config, "state_dict": state}, tmp)
     else:
         path.mkdir(parents=True, exist_ok=True)
-        tmp = path / (WEIGHTS_NAME + ".tmp")
-        save_file(state, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-        _replace_atomically(tmp, path / WEIGHTS_NAME)
-        tmp = path / (CONFIG_NAME + ".tmp")
-        tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "config": config}, indent=2) + "\n")
-        _replace_atomically(tmp, path / CONFIG_NAME)
+        with atomic_path(path / WEIGHTS_NAME) as tmp:
+            save_file(state, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+        with atomic_path(path / CONFIG_NAME) as tmp:
+            tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "config": config}, indent=2) + "\n")
     log.info("saved checkpoint %s", path)
     return path
 

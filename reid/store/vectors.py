@@ -14,13 +14,13 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from pathlib import Path
 from typing import Iterator
 
 import faiss
 import numpy as np
 
+from reid.atomic import atomic_path
 from reid.errors import StoreError
 from reid.store.catalogue import id_digest
 
@@ -139,24 +139,8 @@ class VectorIndex:
 
     def save(self, path: Path) -> None:
         """Write to a temporary file, fsync it, then atomically replace ``path`` (and fsync the folder)."""
-        path = Path(path)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        try:
+        with atomic_path(path) as tmp:
             faiss.write_index(self.index, str(tmp))
-            fd = os.open(tmp, os.O_RDONLY)
-            try:
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, path)
-        finally:
-            if tmp.exists():
-                tmp.unlink()
-        dfd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
 
     def _tune(self) -> None:
         inner = faiss.downcast_index(self.index.index)

@@ -24,6 +24,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from reid.atomic import atomic_path
 from reid.errors import CheckpointError
 
 log = logging.getLogger(__name__)
@@ -146,12 +147,8 @@ def read_json(path: Path) -> dict[str, Any]:
 
 def write_json_atomic(path: Path, data: dict[str, Any]) -> None:
     """Write JSON to a temp file, fsync, then ``os.replace`` it into place."""
-    tmp = path.with_name(path.name + ".tmp")
-    with open(tmp, "w") as fh:
+    with atomic_path(path) as tmp, open(tmp, "w") as fh:
         json.dump(data, fh, indent=2, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
 
 
 class MetricsLog:
@@ -176,9 +173,8 @@ class MetricsLog:
         """Drop records of epochs after ``epoch`` (written before a crash, then redone on resume)."""
         keep = [r for r in self.records() if int(r.get("epoch", 0)) <= epoch]
         text = "".join(json.dumps(r, sort_keys=True) + "\n" for r in keep)
-        tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(text)
-        os.replace(tmp, self.path)
+        with atomic_path(self.path) as tmp:
+            tmp.write_text(text)
 
     def append(self, record: dict[str, Any]) -> None:
         """Append one record and flush it to disk."""
