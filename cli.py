@@ -77,12 +77,12 @@ def model_cmd(
     """Describe the network: streams, grid, sizes, parameters, FLOPs per image, fingerprint."""
     import json
 
-    from reid.model import build_model, load_checkpoint
+    from reid.model import load_model
     from reid.model.summary import model_summary
     from reid.runtime import prepare_torch
 
     prepare_torch()
-    model = load_checkpoint(weights) if weights is not None else build_model()
+    model = load_model(weights)
     info = model_summary(model)
     info["weights"] = str(weights) if weights is not None else "packaged ImageNet streams + seeded head"
     if as_json:

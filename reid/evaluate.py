@@ -174,13 +174,6 @@ def _aggregate(report: dict, summaries: list[dict], sets: list[FeatureSet], spli
     report["splits"] = [{"split": k, **s} for k, s in zip(splits, summaries)]
 
 
-def load_model(weights: str | Path | None):
-    """The model to evaluate: a checkpoint when given, else the default pretrained network."""
-    from reid.model import build_model, load_checkpoint
-
-    return load_checkpoint(weights) if weights is not None else build_model(pretrained=True)
-
-
 def evaluate(
     name: str,
     root: str | Path,
@@ -205,7 +198,7 @@ def evaluate(
     """Evaluate a model on a dataset's standard protocol; see the module docstring for the flow."""
     from reid.datasets import PROTOCOL_CUHK03_CLASSIC
     from reid.metrics import AP_MODES
-    from reid.model import model_fingerprint
+    from reid.model import load_model, model_fingerprint
     from reid.runtime import resolve_device
 
     if ap not in AP_MODES:

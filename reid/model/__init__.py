@@ -1,6 +1,6 @@
 """AttentionBilinearNet, its config and its checkpoints (see reid.model.net for the architecture)."""
 
-from reid.model.checkpoint import load_checkpoint, model_fingerprint, save_checkpoint
+from reid.model.checkpoint import load_checkpoint, load_model, model_fingerprint, save_checkpoint
 from reid.model.net import AttentionBilinearNet, ModelConfig, TrainOutput, build_model
 
 __all__ = [
@@ -9,6 +9,7 @@ __all__ = [
     "TrainOutput",
     "build_model",
     "load_checkpoint",
+    "load_model",
     "model_fingerprint",
     "save_checkpoint",
 ]

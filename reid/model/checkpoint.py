@@ -140,3 +140,10 @@ def model_fingerprint(model: AttentionBilinearNet) -> str:
         h.update(f"\n{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
     return "abn-" + h.hexdigest()[:16]
+
+
+def load_model(weights: str | os.PathLike | None = None) -> AttentionBilinearNet:
+    """A checkpoint when ``weights`` is given (``"default"`` counts as none), else the default network."""
+    if weights is None or str(weights) == "default":
+        return build_model()
+    return load_checkpoint(weights)

@@ -17,9 +17,9 @@ def model_source(weights: str | os.PathLike | None) -> str:
 
 def load_model(source: str, device=None):
     """Build the default model or load a checkpoint (CheckpointError when unusable), in eval mode."""
-    from reid.model import build_model, load_checkpoint
+    from reid.model import load_model as build_or_load
 
-    model = build_model() if source == DEFAULT_SOURCE else load_checkpoint(source)
+    model = build_or_load(source)
     if device is not None:
         model = model.to(device)
     return model.eval()
