@@ -246,6 +246,36 @@ def test_a_killed_save_leaves_no_temporary_file_behind(tmp_path):
     assert not list(root.glob("*.tmp")) and not list(root.glob(".*.tmp"))
 
 
+def test_flat_rows_grow_shrink_and_round_trip_through_the_faiss_file(tmp_path):
+    import faiss
+
+    rng = np.random.default_rng(11)
+    vecs, queries = unit(rng, 3000, 32), unit(rng, 5, 32)
+    ids = np.arange(10, 3010)
+    vi = VectorIndex.empty("flat", 32)
+    for s in range(0, 3000, 700):  # several growths of the buffer
+        vi.add(ids[s : s + 700], vecs[s : s + 700])
+    gone = ids[::3]
+    assert vi.remove(gone) and vi.ntotal == 2000
+    kept = ~np.isin(ids, gone)
+    assert (vi.ids() == ids[kept]).all() and vi.digest() == id_digest(ids[kept])
+
+    reference = faiss.IndexFlatIP(32)
+    reference.add(vecs[kept])
+    ref_s, ref_pos = reference.search(queries, 7)
+    scores, found = vi.search(queries, 7)
+    assert (found == ids[kept][ref_pos]).all() and np.allclose(scores, ref_s, atol=1e-5)
+
+    vi.save(tmp_path / VECTORS_NAME)
+    loaded = VectorIndex.load(tmp_path / VECTORS_NAME)  # memory-mapped until first searched
+    assert loaded.kind == "flat" and loaded.ntotal == 2000 and loaded.digest() == vi.digest()
+    assert np.array_equal(loaded.search(queries, 7)[1], found)
+    loaded.add(np.array([5000]), queries[:1])  # a loaded index grows like a new one
+    assert loaded.search(queries[:1], 1)[1][0, 0] == 5000
+    (tmp_path / VECTORS_NAME).unlink()  # its rows live in its own memory now
+    assert loaded.ntotal == 2001 and loaded.search(queries[1:2], 7)[1][0].tolist() == found[1].tolist()
+
+
 @pytest.mark.gpu
 def test_flat_search_on_gpu_matches_cpu():
     import faiss

@@ -231,7 +231,9 @@ class GalleryStore:
         def load() -> None:
             try:
                 with GalleryStore.open(self.root) as own:  # an SQLite connection is not shared across threads
-                    self._prefetched = own.vectors()
+                    vi = own.vectors()
+                vi.prepare()  # the one-off copy of flat rows into NumPy happens here too
+                self._prefetched = vi
             except BaseException as e:  # noqa: BLE001 - re-raised by vectors() in the caller's thread
                 self._prefetched = e
 

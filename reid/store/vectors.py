@@ -7,7 +7,11 @@ inner product is the cosine similarity.
 
 Exact search on CPU does not go through ``IndexFlat.search``: for one query FAISS skips BLAS
 (``queries x dim < distance_compute_blas_threshold``) and scans on one core, ~2x slower than a
-BLAS matrix-vector product over the same zero-copy array (``benchmarks/bench_index.py``).
+BLAS matrix-vector product. The product runs over a NumPy copy of the vectors, not over FAISS's own
+buffer: NumPy asks for transparent huge pages for large arrays and FAISS's ``malloc`` does not, and
+a memory-bound scan of 100k x 512 floats took 13.5 ms over 4 KiB pages against 7.0 ms over huge
+pages (``benchmarks/bench_index.py``). A loaded flat index therefore keeps its rows in NumPy
+(:class:`FlatRows`); FAISS is its file format, read zero-copy from a memory map and written on save.
 """
 
 from __future__ import annotations
@@ -87,6 +91,60 @@ def _pq_subquantizers(dim: int) -> int:
     return 1
 
 
+# Read flat indexes zero-copy from a memory map (their rows are then copied into NumPy once); a
+# FAISS build without the flag reads the file into its own buffers instead.
+_MMAP_READ = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
+
+
+class FlatRows:
+    """The rows of an exact index in NumPy: a float32 matrix and its int64 ids, growing by doubling."""
+
+    def __init__(self, dim: int, vectors: np.ndarray | None = None, ids: np.ndarray | None = None) -> None:
+        self.dim = dim
+        self._xb = np.empty((0, dim), np.float32) if vectors is None else vectors
+        self._ids = np.empty(0, np.int64) if ids is None else ids
+        self.n = len(self._ids)
+
+    @property
+    def vectors(self) -> np.ndarray:
+        """float32 [n, dim], a view (do not modify)."""
+        return self._xb[: self.n]
+
+    @property
+    def ids(self) -> np.ndarray:
+        """int64 [n], a view (do not modify)."""
+        return self._ids[: self.n]
+
+    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
+        need = self.n + len(ids)
+        if need > len(self._ids):
+            cap = max(need, 2 * len(self._ids), 1024)
+            xb, idv = np.empty((cap, self.dim), np.float32), np.empty(cap, np.int64)
+            xb[: self.n], idv[: self.n] = self.vectors, self.ids
+            self._xb, self._ids = xb, idv
+        self._xb[self.n : need], self._ids[self.n : need] = vectors, ids
+        self.n = need
+
+    def remove(self, ids: np.ndarray) -> None:
+        keep = np.flatnonzero(~np.isin(self.ids, ids))
+        self._xb[: len(keep)], self._ids[: len(keep)] = self.vectors[keep], self.ids[keep]
+        self.n = len(keep)
+
+    def to_faiss(self) -> faiss.IndexIDMap2:
+        """The same rows as a FAISS ``IndexIDMap2(IndexFlatIP)`` (a copy)."""
+        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
+        index.add_with_ids(self.vectors, self.ids)
+        return index
+
+    @classmethod
+    def from_faiss(cls, index: faiss.IndexIDMap2) -> "FlatRows":
+        """Copy the rows out of a FAISS flat index (into huge-page backed NumPy memory)."""
+        inner = faiss.downcast_index(index.index)
+        n, dim = int(index.ntotal), int(index.d)
+        xb = np.array(faiss.rev_swig_ptr(inner.get_xb(), n * dim), np.float32).reshape(n, dim) if n else None
+        return cls(dim, xb, faiss.vector_to_array(index.id_map).astype(np.int64))
+
+
 def _kind_of(index: faiss.Index) -> str:
     inner = faiss.downcast_index(index.index)
     if isinstance(inner, faiss.IndexFlat):
@@ -99,22 +157,28 @@ def _kind_of(index: faiss.Index) -> str:
 
 
 class VectorIndex:
-    """A FAISS id-mapped index with the project's kinds, tuned search parameters and atomic saving."""
+    """A FAISS id-mapped index with the project's kinds, tuned search parameters and atomic saving.
 
-    def __init__(self, index: faiss.IndexIDMap2) -> None:
+    The ``flat`` kind keeps its rows in :class:`FlatRows` once it is searched or changed; until then a
+    loaded flat index stays the memory-mapped FAISS object (cheap for ``reid info`` and state checks).
+    """
+
+    def __init__(self, index: faiss.IndexIDMap2 | None, rows: FlatRows | None = None) -> None:
         self.index = index
-        self.kind = _kind_of(index)
+        self._rows = rows
+        self.kind = "flat" if index is None else _kind_of(index)
         self._gpu = None
         self._ids: np.ndarray | None = None
-        self._tune()
+        if index is not None:
+            self._tune()
 
     @classmethod
     def empty(cls, kind: str, dim: int, rows_hint: int = 0) -> "VectorIndex":
         """A new, empty index of a concrete kind; ``ivfpq`` must be ``train``ed before ``add``."""
         ip = faiss.METRIC_INNER_PRODUCT
         if kind == "flat":
-            inner = faiss.IndexFlatIP(dim)
-        elif kind == "hnsw":
+            return cls(None, FlatRows(dim))
+        if kind == "hnsw":
             inner = faiss.IndexHNSWFlat(dim, HNSW_M, ip)
             inner.hnsw.efConstruction = HNSW_EF_CONSTRUCTION
         elif kind == "ivfpq":
@@ -129,18 +193,36 @@ class VectorIndex:
     @classmethod
     def load(cls, path: Path) -> "VectorIndex":
         """Read a saved index; StoreError when the file is unreadable or not one of ours."""
-        try:
-            index = faiss.read_index(str(path))
-        except RuntimeError as e:
-            raise StoreError(f"{path}: corrupt vector index ({str(e).strip().splitlines()[-1][:120]})") from None
+        def read(flags: int) -> faiss.Index:
+            try:
+                return faiss.read_index(str(path), flags)
+            except RuntimeError as e:
+                raise StoreError(f"{path}: corrupt vector index ({str(e).strip().splitlines()[-1][:120]})") from None
+
+        index = read(_MMAP_READ)
         if not isinstance(index, faiss.IndexIDMap2):
             raise StoreError(f"{path}: not an id-mapped vector index ({type(index).__name__})")
-        return cls(index)
+        vi = cls(index)
+        if vi.kind != "flat" and _MMAP_READ:
+            vi = cls(read(0))  # approximate kinds are updated in place: they need buffers of their own
+        return vi
 
     def save(self, path: Path) -> None:
         """Write to a temporary file, fsync it, then atomically replace ``path`` (and fsync the folder)."""
+        index = self.index if self._rows is None else self._rows.to_faiss()
         with atomic_path(path) as tmp:
-            faiss.write_index(self.index, str(tmp))
+            faiss.write_index(index, str(tmp))
+
+    def prepare(self) -> None:
+        """Do the one-off work of the first search now (copy a flat index's rows into NumPy)."""
+        if self.kind == "flat":
+            self._flat()
+
+    def _flat(self) -> FlatRows:
+        if self._rows is None:
+            self._rows = FlatRows.from_faiss(self.index)
+            self.index = self._ids = None  # unmaps the file
+        return self._rows
 
     def _tune(self) -> None:
         inner = faiss.downcast_index(self.index.index)
@@ -156,12 +238,12 @@ class VectorIndex:
     @property
     def dim(self) -> int:
         """Vector dimension."""
-        return int(self.index.d)
+        return self._rows.dim if self._rows is not None else int(self.index.d)
 
     @property
     def ntotal(self) -> int:
         """Number of vectors."""
-        return int(self.index.ntotal)
+        return self._rows.n if self._rows is not None else int(self.index.ntotal)
 
     @property
     def nlist(self) -> int:
@@ -177,7 +259,7 @@ class VectorIndex:
     @property
     def is_trained(self) -> bool:
         """False for an IVF-PQ index that still needs ``train``."""
-        return bool(self.index.is_trained)
+        return self.index is None or bool(self.index.is_trained)
 
     def train_size(self) -> int:
         """How many sample vectors ``train`` wants (0 when the kind needs no training)."""
@@ -187,10 +269,13 @@ class VectorIndex:
 
     def train(self, sample: np.ndarray) -> None:
         """Train the coarse and product quantizers on a sample of the gallery."""
-        self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
+        if self.index is not None:
+            self.index.train(np.ascontiguousarray(sample, dtype=np.float32))
 
     def ids(self) -> np.ndarray:
         """The row ids held, in storage order (int64; do not modify)."""
+        if self._rows is not None:
+            return self._rows.ids
         if self._ids is None:
             self._ids = faiss.vector_to_array(self.index.id_map).astype(np.int64, copy=False)
         return self._ids
@@ -202,15 +287,19 @@ class VectorIndex:
     def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
         """Add vectors under the given ids."""
         self._gpu = self._ids = None
-        self.index.add_with_ids(np.ascontiguousarray(vectors, dtype=np.float32),
-                                np.ascontiguousarray(ids, dtype=np.int64))
+        vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        ids = np.ascontiguousarray(ids, dtype=np.int64)
+        if self.kind == "flat":
+            self._flat().add(ids, vectors)
+        else:
+            self.index.add_with_ids(vectors, ids)
 
     def remove(self, ids: np.ndarray) -> bool:
         """Remove ids in place; False when the kind cannot remove (the caller then rebuilds)."""
         if self.kind != "flat":
             return False
-        self._gpu = self._ids = None
-        self.index.remove_ids(np.ascontiguousarray(ids, dtype=np.int64))
+        self._gpu = None
+        self._flat().remove(np.asarray(ids, dtype=np.int64))
         return True
 
     # --- search -----------------------------------------------------------------------------
@@ -229,15 +318,12 @@ class VectorIndex:
             return self._search_gpu(queries, k)
         return self._search_flat_cpu(queries, k)
 
-    def _flat_matrix(self) -> np.ndarray:
-        inner = faiss.downcast_index(self.index.index)
-        return faiss.rev_swig_ptr(inner.get_xb(), self.ntotal * self.dim).reshape(self.ntotal, self.dim)
-
     def _search_flat_cpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        xb, ids = self._flat_matrix(), self.ids()
+        rows = self._flat()
+        xb, ids = rows.vectors, rows.ids
         out_s = np.empty((len(queries), k), np.float32)
         out_i = np.empty((len(queries), k), np.int64)
-        step = max(1, _FLAT_BLOCK // max(self.ntotal, 1))
+        step = max(1, _FLAT_BLOCK // max(len(ids), 1))
         for s in range(0, len(queries), step):
             sims = queries[s : s + step] @ xb.T  # BLAS gemv/gemm on all cores
             top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
@@ -249,9 +335,11 @@ class VectorIndex:
         return out_s, out_i
 
     def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
+        rows = self._flat()
         if self._gpu is None:
             res = faiss.StandardGpuResources()
-            self._gpu = (res, faiss.index_cpu_to_gpu(res, 0, faiss.downcast_index(self.index.index)))
+            flat = faiss.IndexFlatIP(rows.dim)
+            flat.add(rows.vectors)
+            self._gpu = (res, faiss.index_cpu_to_gpu(res, 0, flat))
         scores, pos = self._gpu[1].search(queries, k)
-        ids = self.ids()
-        return scores, np.where(pos >= 0, ids[np.clip(pos, 0, None)], -1)
+        return scores, np.where(pos >= 0, rows.ids[np.clip(pos, 0, None)], -1)
