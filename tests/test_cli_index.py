@@ -401,3 +401,28 @@ def test_a_file_that_became_undecodable_leaves_the_index(tmp_path, ckpt):
     assert [Path(f["path"]).name for f in got["failed"]] == [files[1].name]
     assert "truncated" in got["failed"][0]["reason"] and got["rows"] == 3
     assert str(files[1].resolve()) not in {r[1] for r in rows(idx)}
+
+
+def test_the_program_entry_point_flushes_output_and_keeps_exit_codes(tmp_path, ckpt):
+    """`reid` is ``cli:run``: after read-only commands it skips the interpreter's teardown (os._exit)."""
+    gallery = make_gallery(tmp_path / "g", ids=2, cams=2)
+    idx = tmp_path / "idx"
+    assert index(tmp_path / "g", idx, ckpt).exit_code == 0
+
+    def program(*args: str) -> subprocess.CompletedProcess:
+        code = "import sys, cli; sys.argv = ['reid', *sys.argv[1:]]; cli.run()"
+        return subprocess.run([sys.executable, "-c", code, *map(str, args)], cwd=Path(cli.__file__).parent,
+                              capture_output=True, text=True, timeout=120)
+
+    ok = program("query", gallery[0], gallery[3], "--index", idx, "--top", "3", "--json")
+    assert ok.returncode == 0, ok.stderr
+    lines = [json.loads(line) for line in ok.stdout.splitlines()]  # every line arrived, whole
+    assert [len(r["matches"]) for r in lines] == [3, 3] and lines[0]["matches"][0]["path"] == str(gallery[0])
+    missing = program("query", tmp_path / "nope.jpg", "--index", idx)
+    assert missing.returncode == 1 and missing.stderr.startswith("error:") and "does not exist" in missing.stderr
+    usage = program("query", gallery[0], "--index", idx, "--top", "0")
+    assert usage.returncode == 2 and "--top" in usage.stderr
+    info = program("info", "--index", idx, "--json")
+    assert info.returncode == 0 and json.loads(info.stdout)["rows"] == 4
+    again = program("index", tmp_path / "g", "--index", idx, "--weights", ckpt, "--workers", "0", "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["unchanged"] == 4  # a writer ends normally
