@@ -1,9 +1,10 @@
-"""Atomic file replacement: a reader sees the old file or the complete new one, never a torn write."""
+"""Atomic replacement of files and folders: a reader sees the old one or the complete new one, never a torn write."""
 
 from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 from pathlib import Path
 from typing import Iterator
 
@@ -25,8 +26,62 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_folder(path.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+@contextlib.contextmanager
+def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
+    """Yield an empty temporary folder beside ``path``; on success swap it in for ``path`` as a whole.
+
+    The files are fsynced, then ``path`` is renamed to ``NAME.old``, the new folder to ``path``, and
+    ``NAME.old`` is removed. A crash leaves either ``path`` (old or new, complete) or, between the two
+    renames, only ``NAME.old``, which ``recover_dir`` renames back. On failure the temporary folder
+    ``NAME.tmp`` is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir(parents=True)
+    try:
+        yield tmp
+        for f in tmp.iterdir():
+            if f.is_file():
+                with open(f, "rb") as fh:
+                    os.fsync(fh.fileno())
+        _fsync_folder(tmp)
+        if old.exists():
+            shutil.rmtree(old)
+        if path.exists():
+            os.replace(path, old)
+        os.replace(tmp, path)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    _fsync_folder(path.parent)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def recover_dir(path: str | os.PathLike) -> bool:
+    """Finish what a killed ``atomic_dir`` left: restore ``NAME.old`` when ``path`` is gone, drop ``NAME.tmp``.
+
+    Returns True when ``path`` was restored. Call it from writers only (before writing ``path``).
+    """
+    path = Path(path)
+    old, tmp = path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")
+    restored = False
+    if not path.exists() and old.exists():
+        os.replace(old, path)
+        restored = True
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    return restored

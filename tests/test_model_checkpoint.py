@@ -118,3 +118,18 @@ def test_corrupt_or_missing_files_are_checkpoint_errors(tmp_path):
     empty.mkdir()
     with pytest.raises(CheckpointError, match="no config.json"):
         load_checkpoint(empty)
+
+
+def test_saving_over_a_folder_replaces_it_whole_and_never_drops_other_files(tmp_path):
+    first, second = build_model(SMALL, pretrained=False), build_model(SMALL.replace(seed=5), pretrained=False)
+    folder = save_checkpoint(first, tmp_path / "ckpt")
+    save_checkpoint(second, folder)  # over an earlier checkpoint: fine
+    assert model_fingerprint(load_checkpoint(folder)) == model_fingerprint(second)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt"]
+    (folder / "notes.txt").write_text("the analyst's notes")
+    with pytest.raises(CheckpointError, match="notes.txt"):
+        save_checkpoint(first, folder)
+    assert (folder / "notes.txt").read_text() == "the analyst's notes"
+    assert model_fingerprint(load_checkpoint(folder)) == model_fingerprint(second)
+    with pytest.raises(CheckpointError, match="is a file"):
+        save_checkpoint(first, folder / "notes.txt")

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import torch
 
-from reid.atomic import atomic_path
+from reid.atomic import atomic_dir, atomic_path, recover_dir
 from reid.errors import CheckpointError
 from reid.model.net import AttentionBilinearNet, ModelConfig, build_model
 
@@ -33,24 +33,42 @@ def _state_dict(model: AttentionBilinearNet) -> dict[str, torch.Tensor]:
 
 
 def save_checkpoint(model: AttentionBilinearNet, path: str | os.PathLike) -> Path:
-    """Save to a folder (config.json + model.safetensors) or, for a path ending in .pt, one tensors-only file."""
-    from safetensors.torch import save_file
+    """Save to a folder (config.json + model.safetensors) or, for a path ending in .pt, one tensors-only file.
 
+    Either is replaced atomically. A folder is written beside its final name and swapped in whole
+    (``reid.atomic.atomic_dir``), so its weights and config always come from the same save; a folder
+    that holds other files is refused rather than replaced.
+    """
     path = Path(path)
-    config = model.config.to_dict()
-    state = _state_dict(model)
     if path.suffix == ".pt":
         path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
-            torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": config, "state_dict": state}, tmp)
+            torch.save({"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict(),
+                        "state_dict": _state_dict(model)}, tmp)
     else:
-        path.mkdir(parents=True, exist_ok=True)
-        with atomic_path(path / WEIGHTS_NAME) as tmp:
-            save_file(state, str(tmp), metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
-        with atomic_path(path / CONFIG_NAME) as tmp:
-            tmp.write_text(json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "config": config}, indent=2) + "\n")
+        recover_dir(path)
+        if path.exists():
+            if not path.is_dir():
+                raise CheckpointError(f"cannot save a checkpoint folder at {path}: it is a file (use a .pt name "
+                                      f"for a one-file checkpoint)")
+            other = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
+            if other:
+                raise CheckpointError(f"not replacing {path}: it holds other files ({', '.join(other[:3])}"
+                                      f"{', ...' if len(other) > 3 else ''}); save the checkpoint to a folder of its own")
+        with atomic_dir(path) as tmp:
+            write_checkpoint_folder(model, tmp)
     log.info("saved checkpoint %s", path)
     return path
+
+
+def write_checkpoint_folder(model: AttentionBilinearNet, folder: Path) -> None:
+    """Write config.json + model.safetensors into an existing folder (callers swap the folder in whole)."""
+    from safetensors.torch import save_file
+
+    save_file(_state_dict(model), str(folder / WEIGHTS_NAME),
+              metadata={"format": FORMAT, "version": str(FORMAT_VERSION)})
+    (folder / CONFIG_NAME).write_text(
+        json.dumps({"format": FORMAT, "version": FORMAT_VERSION, "config": model.config.to_dict()}, indent=2) + "\n")
 
 
 def _read_pt(path: Path) -> tuple[dict, dict[str, torch.Tensor]]:

@@ -17,13 +17,13 @@ import json
 import logging
 import os
 import random
-import shutil
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 
+import reid.atomic
 from reid.atomic import atomic_path
 from reid.errors import CheckpointError
 
@@ -33,52 +33,23 @@ STATE_FILE = "train_state.pt"
 STATE_VERSION = 1
 
 
-def _fsync_tree(folder: Path) -> None:
-    for f in folder.iterdir():
-        if f.is_file():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-
-
-def replace_dir(tmp: Path, final: Path) -> None:
-    """Move a fully written folder ``tmp`` onto ``final``; a crash leaves ``final`` or ``final.old``."""
-    _fsync_tree(tmp)
-    old = final.with_name(final.name + ".old")
-    if old.exists():
-        shutil.rmtree(old)
-    if final.exists():
-        os.replace(final, old)
-    os.replace(tmp, final)
-    if old.exists():
-        shutil.rmtree(old)
-
-
 def recover_dir(final: Path) -> None:
-    """Undo a swap interrupted between its two renames, and drop half-written temp folders."""
-    old = final.with_name(final.name + ".old")
-    if not final.exists() and old.exists():
-        log.warning("restoring %s from an interrupted checkpoint swap", final)
-        os.replace(old, final)
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
+    """Undo a checkpoint swap interrupted between its two renames, and drop half-written temp folders."""
+    if reid.atomic.recover_dir(final):
+        log.warning("restored %s from an interrupted checkpoint swap", final)
 
 
 def save_model_dir(model: torch.nn.Module, final: Path, extra: dict[str, Any] | None = None) -> None:
     """Write a model checkpoint folder (plus ``extra`` files: name -> JSON data or state dict) atomically."""
-    from reid.model import save_checkpoint
+    from reid.model.checkpoint import write_checkpoint_folder
 
-    tmp = final.with_name(final.name + ".tmp")
-    if tmp.exists():
-        shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    save_checkpoint(model, tmp)
-    for name, data in (extra or {}).items():
-        if name.endswith(".json"):
-            (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True))
-        else:
-            torch.save(data, tmp / name)
-    replace_dir(tmp, final)
+    with reid.atomic.atomic_dir(final) as tmp:
+        write_checkpoint_folder(model, tmp)
+        for name, data in (extra or {}).items():
+            if name.endswith(".json"):
+                (tmp / name).write_text(json.dumps(data, indent=2, sort_keys=True))
+            else:
+                torch.save(data, tmp / name)
 
 
 def rng_state() -> dict[str, Any]:
