@@ -113,9 +113,9 @@ def test_pad_crop_is_a_shifted_window():
         # The output equals the zero-padded image at one of the (2*pad+1)^2 offsets.
         padded = np.pad(img, ((0, 0), (3, 3), (3, 3)))
         hits = [
-            (t, l)
-            for t, l in itertools.product(range(7), range(7))
-            if np.array_equal(padded[:, t : t + 32, l : l + 16], out)
+            (t, left)
+            for t, left in itertools.product(range(7), range(7))
+            if np.array_equal(padded[:, t : t + 32, left : left + 16], out)
         ]
         assert hits
     assert pad_crop(img, np.random.default_rng(0), pad=0) is img
