@@ -176,7 +176,8 @@ def index_cmd(
     weights: Optional[Path] = typer.Option(
         None, "--weights", help="Checkpoint (folder or .pt). Default: the index's model; the pretrained model for a new index."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    workers: int = typer.Option(2, "--workers", min=0, help="Decoding processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, show_default="auto",
+                                         help="Decoding processes (auto: none on a 1-2 core CPU, more with more cores or CUDA)."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     kind: Optional[IndexKind] = typer.Option(
         None, "--kind",
@@ -337,7 +338,8 @@ def evaluate_cmd(
     ap: str = typer.Option("standard", "--ap", help="standard (open-reid) or trapezoid (official Market MATLAB)."),
     flip: bool = typer.Option(False, "--flip", help="Average embeddings with horizontally flipped crops."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    workers: int = typer.Option(2, "--workers", min=0, help="Decoding processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, show_default="auto",
+                                         help="Decoding processes (auto: none on a 1-2 core CPU, more with more cores or CUDA)."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the CMC curve (ranks 1-50) to this picture."),

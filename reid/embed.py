@@ -92,6 +92,20 @@ def _prepare(model: torch.nn.Module, device: torch.device | None) -> torch.devic
     return device
 
 
+def auto_workers(device: torch.device) -> int:
+    """Decoding processes for ``workers=None``: none on a CPU of one or two cores, more with more.
+
+    On two cores the model's two threads already use the machine, and worker processes only take
+    turns with them: ``index_folder`` ran at ~86% of the model's speed with two workers and ~98%
+    decoding in the main process (128x64 JPEGs, ``benchmarks/bench_index.py``). With CUDA the CPU
+    is free for decoding.
+    """
+    cores = os.cpu_count() or 1
+    if device.type == "cuda":
+        return min(8, cores)
+    return 0 if cores <= 2 else min(4, cores // 4)
+
+
 def embed_arrays(
     model: torch.nn.Module,
     images: np.ndarray | torch.Tensor,
@@ -113,13 +127,14 @@ def embed_paths(
     paths: Sequence[str | os.PathLike],
     *,
     batch_size: int = 32,
-    workers: int = 2,
+    workers: int | None = None,
     device: torch.device | None = None,
     progress: Callable[[int], None] | None = None,
     flip: bool = False,
     on_batch: Callable[[list[Path], np.ndarray, list[tuple[Path, str]]], None] | None = None,
 ) -> EmbedResult:
-    """Decode (in ``workers`` processes) and embed ``paths`` in batches; bad files become ``failures``.
+    """Decode (in ``workers`` processes, ``None``: ``auto_workers``) and embed ``paths`` in batches; bad
+    files become ``failures``.
 
     ``progress(n)`` is called with the number of images handled in each batch. ``on_batch(paths,
     features, failures)`` sees every batch as soon as it is embedded, so callers can persist work
@@ -127,6 +142,8 @@ def embed_paths(
     """
     paths = [Path(p) for p in paths]
     device = _prepare(model, device)
+    if workers is None:
+        workers = auto_workers(device)
     loader = torch.utils.data.DataLoader(
         _Crops(paths, model_input_size(model)),
         batch_size=batch_size,

@@ -187,7 +187,7 @@ def evaluate(
     ap: str = "standard",
     flip: bool = False,
     batch_size: int = 32,
-    workers: int = 2,
+    workers: int | None = None,
     device: str = "auto",
     use_cache: bool = True,
     max_rank: int = 50,
@@ -203,7 +203,7 @@ def evaluate(
 
     if ap not in AP_MODES:
         raise InputError(f"--ap must be one of {', '.join(AP_MODES)}, got {ap!r}")
-    if batch_size < 1 or workers < 0:
+    if batch_size < 1 or (workers is not None and workers < 0):
         raise InputError("--batch-size must be >= 1 and --workers >= 0")
     timings: dict[str, float] = {}
     t0 = tick = time.perf_counter()

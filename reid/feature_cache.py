@@ -104,7 +104,7 @@ def embed_files(
     fingerprint: str,
     flip: bool = False,
     batch_size: int = 32,
-    workers: int = 2,
+    workers: int | None = None,
     device=None,
     use_cache: bool = True,
     progress: Callable[[int, int], None] | None = None,

@@ -107,7 +107,7 @@ def _plan(store: GalleryStore, root: Path, files: list[Path], report: IndexRepor
 
 
 def index_folder(store: GalleryStore, model, gallery: str | os.PathLike, *, batch_size: int = 32,
-                 workers: int = 2, device=None, prune: bool = False, progress: Progress | None = None
+                 workers: int | None = None, device=None, prune: bool = False, progress: Progress | None = None
                  ) -> IndexReport:
     """Embed the new and changed images under ``gallery`` into ``store`` (opened for writing)."""
     from reid.embed import embed_paths
@@ -164,7 +164,7 @@ def index_folder(store: GalleryStore, model, gallery: str | os.PathLike, *, batc
 
 
 def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights: str | None = None,
-                batch_size: int = 32, workers: int = 2, device: str = "auto", kind: str | None = None,
+                batch_size: int = 32, workers: int | None = None, device: str = "auto", kind: str | None = None,
                 prune: bool = False, rebuild: bool = False, wait: float = 0.0,
                 progress: Progress | None = None) -> IndexReport:
     """``reid index``: open (or create) the index, check its model, and index the gallery folder.
