@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -140,6 +141,7 @@ def bench_index(work: Path, n_images: int, rounds: int, rows: list) -> None:
         alone.append(m)
         for name, workers in setups.items():
             idx = work / f"index-{round_}-{name}"
+            shutil.rmtree(idx, ignore_errors=True)  # a kept --workdir must not turn this into a no-op run
             with GalleryStore.open(idx, write=True) as store:
                 store.bind_model(fingerprint=model_fingerprint(model), source="default", dim=model.embed_dim)
                 t = time.perf_counter()
@@ -157,6 +159,7 @@ def bench_index(work: Path, n_images: int, rounds: int, rows: list) -> None:
         rows.append(("index", f"index_folder end to end, {label}", f"{statistics.median(speeds[name]):.1f} img/s",
                      ">= 85% of model" if name == "auto" else "", f"{ratio:.0%} {'ok' if ratio >= 0.85 else 'MISS'} "
                      f"(rounds {', '.join(f'{r:.0%}' for r in ratios[name])})"))
+    shutil.rmtree(work / "index-cli", ignore_errors=True)
     shell = timed_shell([sys.executable, "cli.py", "index", str(work / "gallery"), "--index", str(work / "index-cli"),
                          "--batch-size", "32", "--json"], 1)[0]
     rows.append(("index", "`reid index` from the shell (start-up included)", f"{n_images / shell:.1f} img/s",
