@@ -283,10 +283,13 @@ def test_flat_search_on_gpu_matches_cpu():
     if faiss.get_num_gpus() == 0:
         pytest.skip("this FAISS build sees no GPU")
     rng = np.random.default_rng(9)
-    vecs, queries = unit(rng, 5000, 64), unit(rng, 7, 64)
+    vecs, queries = unit(rng, 5000, 64), unit(rng, vectors_mod.GPU_MIN_QUERIES, 64)
     vi = VectorIndex.empty("flat", 64)
     vi.add(np.arange(100, 5100), vecs)
+    vi.search(queries[:1], 10)
+    assert vi._gpu is None  # a single query stays on the CPU
     gpu_s, gpu_i = vi.search(queries, 10)
+    assert vi._gpu is not None
     cpu_s, cpu_i = vi._search_flat_cpu(queries, 10)
     assert (gpu_i == cpu_i).all() and np.allclose(gpu_s, cpu_s, atol=1e-4)
 

@@ -55,6 +55,11 @@ _FLAT_BLOCK = 1 << 25
 # sub-millisecond work, and on a busy 2-core machine two threads waiting on each other made one
 # query at 1M rows take 15 ms instead of 0.3 ms (benchmarks/bench_index.py).
 ANN_SINGLE_THREAD_BELOW = 16
+# Exact search moves to the GPU (when FAISS sees one) only for a batch of at least this many queries:
+# the GPU copy of the rows and FAISS's GPU resources are made on first use, which costs far more than
+# the ~7 ms a single query takes per 100k rows on the CPU, so a one-shot `reid query` stays on the CPU.
+GPU_MIN_QUERIES = 64
+GPU_MAX_K = 2048  # FAISS's GPU k-selection limit
 
 
 @contextlib.contextmanager
@@ -314,8 +319,8 @@ class VectorIndex:
             with _omp_threads(1 if len(queries) < ANN_SINGLE_THREAD_BELOW else faiss.omp_get_max_threads()):
                 scores, ids = self.index.search(queries, k)
             return scores, ids
-        if faiss.get_num_gpus() > 0:  # pragma: no cover - needs a CUDA build and device
-            return self._search_gpu(queries, k)
+        if (self._gpu is not None or len(queries) >= GPU_MIN_QUERIES) and k <= GPU_MAX_K and faiss.get_num_gpus() > 0:
+            return self._search_gpu(queries, k)  # pragma: no cover - needs a CUDA build and device
         return self._search_flat_cpu(queries, k)
 
     def _search_flat_cpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
