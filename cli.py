@@ -199,6 +199,8 @@ def index_cmd(
 
 
 def _render_matches(result) -> None:
+    import os.path
+
     from rich.table import Table
 
     def known(v):
@@ -208,16 +210,22 @@ def _render_matches(result) -> None:
     table = Table(title=title, title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
-    table.add_column("path", overflow="fold")
     table.add_column("camera", justify="right")
     table.add_column("identity", justify="right")
-    for m in result.matches:
+    table.add_column("path", overflow="fold")
+    # Paths relative to the matches' common folder keep each on one line (JSON keeps them absolute).
+    paths = [m.path for m in result.matches]
+    common = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths) if paths else ""
+    if len(common) > 1:
+        paths = [os.path.relpath(p, common) for p in paths]
+    for m, path in zip(result.matches, paths):
         same = result.pid is not None and result.pid > 0 and m.pid == result.pid
-        table.add_row(str(m.rank), f"{m.score:.4f}", m.path, known(m.camid), known(m.pid),
-                      style="green" if same else None)
+        table.add_row(str(m.rank), f"{m.score:.4f}", known(m.camid), known(m.pid), path, style="green" if same else None)
     if not result.matches:
         table.caption = "no match above --min-score"
     out.print(table)
+    if len(common) > 1:
+        out.print(f"paths under {common}", soft_wrap=True)
 
 
 @command("query", read_only=True)

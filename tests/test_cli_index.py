@@ -303,6 +303,8 @@ def test_query_table_and_picture(built, tmp_path):
     res = run("query", files[0], "--index", idx, "--top", "3", "--save", tmp_path / "result.jpg")
     assert res.exit_code == 0, res.output
     assert "rank" in res.stdout and "identity" in res.stdout and "1.0000" in res.stdout
+    common = os.path.commonpath([str(f) for f in files])
+    assert f"paths under {common}" in res.stdout and os.path.relpath(files[0], common) in res.stdout
     assert "picture written" in res.stderr
     pic = cv2.imread(str(tmp_path / "result.jpg"))
     from reid.viz import rank_grid_shape
