@@ -204,7 +204,12 @@ class VectorIndex:
             except RuntimeError as e:
                 raise StoreError(f"{path}: corrupt vector index ({str(e).strip().splitlines()[-1][:120]})") from None
 
-        index = read(_MMAP_READ)
+        try:
+            index = read(_MMAP_READ)
+        except StoreError:
+            if not _MMAP_READ:
+                raise
+            index = read(0)  # a file system that cannot map files; a corrupt file raises again here
         if not isinstance(index, faiss.IndexIDMap2):
             raise StoreError(f"{path}: not an id-mapped vector index ({type(index).__name__})")
         vi = cls(index)
