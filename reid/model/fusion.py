@@ -95,13 +95,22 @@ def _mkldnn_ok() -> bool:
     return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_convolution_pointwise")
 
 
+def _runs_in_order(parent: nn.Module) -> bool:
+    """A plain nn.Sequential: its children run one after another, each once, in registration order."""
+    return isinstance(parent, nn.Sequential) and type(parent).forward is nn.Sequential.forward
+
+
 def fuse_for_inference(module: nn.Module) -> nn.Module:
     """A deep copy of module in eval mode: each Conv2d -> BatchNorm2d [-> ReLU/ReLU6] becomes one layer.
 
-    Pairs are found in registration order (the backbones' blocks register their layers in
-    data-flow order); tests check the copy computes the same function as the original.
+    Pairs are found in registration order (the backbones' blocks register each BN right after its
+    conv and call it right after it). An activation is fused only where it provably runs once, right
+    after the conv: in a plain nn.Sequential, or as the activation of a BatchNormAct2d. A module such
+    as torchvision's ResNet Bottleneck registers one ReLU that it calls three times; its convs are
+    folded, its ReLU left alone. Tests check the copy computes the same function as the original.
     """
     fused = copy.deepcopy(module).eval()
+    bn_acts: set[int] = set()  # activations that took the place of a folded BatchNormAct2d
     with torch.no_grad():
         for parent in list(fused.modules()):
             children = _children(parent)
@@ -109,15 +118,18 @@ def fuse_for_inference(module: nn.Module) -> nn.Module:
                 if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d) \
                         and second.num_features == first.out_channels and second.track_running_stats:
                     _fold(first, second)
-                    setattr(parent, name, _bn_replacement(second))
+                    replacement = _bn_replacement(second)
+                    bn_acts.add(id(replacement))
+                    setattr(parent, name, replacement)
         if _mkldnn_ok():
             for parent in list(fused.modules()):
                 children = _children(parent)
                 for i, (name, first) in enumerate(children):
                     if not isinstance(first, nn.Conv2d) or first.bias is None:
-                        continue  # only folded convs
+                        continue  # folded convs, and convs with their own bias (VGG)
                     nxt = children[i + 1] if i + 1 < len(children) else None
-                    if nxt is not None and type(nxt[1]) in (nn.ReLU, nn.ReLU6):
+                    if nxt is not None and type(nxt[1]) in (nn.ReLU, nn.ReLU6) \
+                            and (_runs_in_order(parent) or id(nxt[1]) in bn_acts):
                         setattr(parent, name, ConvAct(first, nxt[1]))
                         setattr(parent, nxt[0], nn.Identity())
                     else:
