@@ -83,9 +83,33 @@ def main(verbose: bool = typer.Option(False, "--verbose", "-v", help="Log detail
 # --- model (issue 2) --------------------------------------------------------------------------
 
 
+_STREAM_HELP = "mobilenet_v2, efficientnet_lite0, vgg16 or resnet50"
+_STREAM_WEIGHTS_HELP = "ImageNet weights of a vgg16 / resnet50 stream {}: torchvision's .pth file or .safetensors."
+
+
+def _model_config(**fields):
+    """A ModelConfig from the options that were given (None when none was); its ValueError as an InputError."""
+    from reid.errors import InputError
+    from reid.model import ModelConfig
+
+    fields = {k: v for k, v in fields.items() if v is not None}
+    if not fields:
+        return None
+    try:
+        return ModelConfig(**fields)
+    except ValueError as e:
+        raise InputError(str(e)) from None
+
+
 @command("model", read_only=True)
 def model_cmd(
     weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (folder or .pt); default: pretrained model."),
+    stream_a: Optional[str] = typer.Option(None, "--stream-a", help=f"Describe a new model with this stream A: {_STREAM_HELP}."),
+    stream_b: Optional[str] = typer.Option(None, "--stream-b", help="... and this stream B \\[efficientnet_lite0]."),
+    stream_a_weights: Optional[Path] = typer.Option(None, "--stream-a-weights", help=_STREAM_WEIGHTS_HELP.format("A")),
+    stream_b_weights: Optional[Path] = typer.Option(None, "--stream-b-weights", help=_STREAM_WEIGHTS_HELP.format("B")),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
+                                    help="ImageNet streams, or seeded random ones (sizes and FLOPs without weights)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
 ) -> None:
     """Describe the network: streams, grid, sizes, parameters, FLOPs per image, fingerprint."""
@@ -96,9 +120,14 @@ def model_cmd(
     from reid.runtime import prepare_torch
 
     prepare_torch()
-    model = load_model(weights)
+    config = _model_config(stream_a=stream_a, stream_b=stream_b)
+    model = load_model(weights, config=config, pretrained=pretrained,
+                       stream_weights={"a": stream_a_weights, "b": stream_b_weights})
     info = model_summary(model)
-    info["weights"] = str(weights) if weights is not None else "packaged ImageNet streams + seeded head"
+    files = [f"{role}: {path}" for role, path in (("A", stream_a_weights), ("B", stream_b_weights)) if path]
+    streams = "packaged ImageNet streams" if not files else f"ImageNet streams ({'; '.join(files)})"
+    info["weights"] = str(weights) if weights is not None else \
+        f"{streams if pretrained else 'seeded random streams'} + seeded head"
     if as_json:
         typer.echo(json.dumps(info))
         return
@@ -451,19 +480,23 @@ def train_cmd(
     lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (AdamW) [3.5e-4]."),
     backbone_lr_mult: Optional[float] = typer.Option(None, "--backbone-lr-mult", help="Streams' lr / head lr [0.1]."),
     weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[5e-4]"),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, step or constant [cosine]."),
+    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, step or constant \\[cosine]."),
     warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", min=0, help="Linear warm-up [5]."),
     milestones: Optional[str] = typer.Option(None, "--milestones", help="Step schedule: epochs of x0.1, e.g. 40,70."),
     freeze_backbone_epochs: Optional[int] = typer.Option(None, "--freeze-backbone-epochs", min=0,
                                                          help="Train only the head for the first N epochs [0]."),
     attention_entropy: Optional[float] = typer.Option(None, "--attention-entropy", min=0.0,
                                                       help="Weight of the attention-entropy regulariser [0]."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 (CUDA) [auto]."),
+    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 (CUDA) \\[auto]."),
     seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of sampling, augmentation, init [0]."),
     eval_every: Optional[int] = typer.Option(None, "--eval-every", min=0,
                                              help="Evaluate every N epochs and at the end; 0 = never [10]."),
     input_size: Optional[str] = typer.Option(None, "--input-size", help="Crop size HxW [256x128]."),
-    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from the packaged ImageNet streams."),
+    stream_a: Optional[str] = typer.Option(None, "--stream-a", help=f"Stream A: {_STREAM_HELP} \\[mobilenet_v2]."),
+    stream_b: Optional[str] = typer.Option(None, "--stream-b", help=f"Stream B: {_STREAM_HELP} \\[efficientnet_lite0]."),
+    stream_a_weights: Optional[Path] = typer.Option(None, "--stream-a-weights", help=_STREAM_WEIGHTS_HELP.format("A")),
+    stream_b_weights: Optional[Path] = typer.Option(None, "--stream-b-weights", help=_STREAM_WEIGHTS_HELP.format("B")),
+    pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet streams."),
     variant: Optional[str] = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
     protocol: Optional[str] = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
     split: Optional[int] = typer.Option(None, "--split", help="cuhk03 classic split 0..19."),
@@ -482,7 +515,6 @@ def train_cmd(
 
     from reid.datasets import load
     from reid.errors import InputError
-    from reid.model import ModelConfig
     from reid.train import TrainConfig, load_run_config, train
 
     out_dir = out_dir or Path("runs") / dataset.lower()
@@ -498,7 +530,8 @@ def train_cmd(
             raise InputError(f"--milestones must be comma-separated epochs like 40,70, not {milestones!r}") from None
     base = (load_run_config(out_dir) if resume else None) or TrainConfig()
     config = base.replace(**changes)
-    model_config = ModelConfig(input_size=_parse_size(input_size)) if input_size else None
+    model_config = _model_config(input_size=_parse_size(input_size) if input_size else None,
+                                 stream_a=stream_a, stream_b=stream_b)
     options = {k: v for k, v in dict(variant=variant, protocol=protocol, split=split).items() if v is not None}
     data = load(dataset, root, **options)
 
@@ -526,7 +559,8 @@ def train_cmd(
                 err.print(f"epoch {info['epoch']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
                           f"{info['images_per_s']:.1f} img/s{scored}", highlight=False)
 
-        result = train(data, out_dir, config, model_config=model_config, pretrained=pretrained, device=device.value,
+        result = train(data, out_dir, config, model_config=model_config, pretrained=pretrained,
+                       stream_weights={"a": stream_a_weights, "b": stream_b_weights}, device=device.value,
                        workers=workers, resume=resume, eval_batch_size=eval_batch_size, on_event=on_event,
                        max_seconds=max_minutes * 60 if max_minutes is not None else None)
 

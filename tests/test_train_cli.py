@@ -98,3 +98,48 @@ def test_train_command_runs_and_resumes(tiny_market, tmp_path):
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in records] == [1, 2]
     assert json.loads((run / "train.json").read_text())["config"]["epochs"] == 2
+
+
+def test_train_help_lists_the_stream_options():
+    result = runner.invoke(app, ["train", "--help"], env={"COLUMNS": "200"})
+    assert result.exit_code == 0, result.output
+    for option in ("--stream-a ", "--stream-b ", "--stream-a-weights", "--stream-b-weights", "vgg16", "resnet50"):
+        assert option in result.output, option
+
+
+def test_stream_option_errors(tiny_market, tmp_path):
+    run = tmp_path / "run"
+    common = ["market1501", "--root", tiny_market, "--out", run]
+    _one_line_error(invoke(*common, "--stream-a", "resnet50"), "--stream-a-weights PATH", "nothing is downloaded")
+    assert not run.exists()
+    _one_line_error(invoke(*common, "--stream-a", "efficientnet_lite0"), "both 'efficientnet_lite0'", "two different")
+    _one_line_error(invoke(*common, "--stream-b", "vgg16", "--input-size", "72x40", "--no-pretrained"),
+                    "input_size 72x40 must be a multiple of output_stride 16")
+    _one_line_error(invoke(*common, "--stream-b", "alexnet"), "unknown stream_b 'alexnet'")
+    _one_line_error(invoke(*common, "--stream-a-weights", tmp_path / "w.pth"), "stream a is mobilenet_v2")
+    _one_line_error(invoke(*common, "--stream-b", "resnet50", "--stream-b-weights", tmp_path / "none.pth"),
+                    "none.pth does not exist", "resnet50-0676ba61.pth")
+
+
+def test_train_starts_a_resnet50_stream_from_its_weights_file(tiny_market, tmp_path):
+    import torch
+    from torchvision.models import resnet50
+
+    from reid.model import load_checkpoint
+
+    torch.manual_seed(5)
+    state = resnet50().state_dict()
+    torch.save(state, tmp_path / "resnet50-11ad3fa6.pth")
+    run = tmp_path / "run"
+    result = invoke("market1501", "--root", tiny_market, "--out", run, "--batch-p", 3, "--batch-k", 2,
+                    "--input-size", "64x32", "--stream-a", "resnet50", "--stream-a-weights",
+                    tmp_path / "resnet50-11ad3fa6.pth", "--freeze-backbone-epochs", 1, "--epochs", 1,
+                    "--workers", 0, "--eval-every", 0, "--json")
+    assert result.exit_code == 0, result.output
+    model = load_checkpoint(run / "last")
+    assert (model.config.stream_a, model.config.stream_b) == ("resnet50", "efficientnet_lite0")
+    assert json.loads((run / "train.json").read_text())["model_config"]["stream_a"] == "resnet50"
+    trunk = model.stream_a.state_dict()
+    assert len(trunk) == len(state) - 2  # all but fc
+    for k, v in trunk.items():  # the backbone was frozen for the one epoch: still exactly the file's weights
+        assert torch.equal(v, state[k]), k

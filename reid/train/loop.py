@@ -174,6 +174,7 @@ def train(
     *,
     model_config: Any = None,
     pretrained: bool = True,
+    stream_weights: dict[str, str | Path | None] | None = None,
     device: str | torch.device = "auto",
     workers: int = 2,
     resume: bool = False,
@@ -185,8 +186,10 @@ def train(
     """Train an AttentionBilinearNet on ``dataset.train``; checkpoints, metrics and state go to ``out``.
 
     ``model_config`` (a ``reid.model.ModelConfig``; num_classes is set from the data) defaults to
-    the default model. ``resume`` continues the run in ``out`` from its last epoch. ``max_seconds``
-    ends training after the epoch past which another one would not fit. ``deterministic`` turns on
+    the default model; ``stream_weights`` ({"a": path, "b": path}) gives the ImageNet weights files of
+    vgg16 / resnet50 streams when a run starts (a resumed run reads its checkpoint). ``resume``
+    continues the run in ``out`` from its last epoch. ``max_seconds`` ends training after the epoch
+    past which another one would not fit. ``deterministic`` turns on
     ``torch.use_deterministic_algorithms`` for the run. ``on_event(kind, info)`` receives "start",
     "step", "eval_start", "eval", "epoch" and "end" events (for progress displays). Loader workers
     start with forkserver, so scripts calling this need the usual ``if __name__ == "__main__":`` guard.
@@ -195,19 +198,22 @@ def train(
     if deterministic:
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(dataset, Path(out), config, model_config=model_config, pretrained=pretrained, device=device,
-                      workers=workers, resume=resume, max_seconds=max_seconds, eval_batch_size=eval_batch_size,
-                      on_event=on_event)
+        return _train(dataset, Path(out), config, model_config=model_config, pretrained=pretrained,
+                      stream_weights=stream_weights, device=device, workers=workers, resume=resume,
+                      max_seconds=max_seconds, eval_batch_size=eval_batch_size, on_event=on_event)
     finally:
         torch.use_deterministic_algorithms(previous)
 
 
 def _train(dataset: Any, out: Path, config: TrainConfig, *, model_config: Any, pretrained: bool,
-           device: str | torch.device, workers: int, resume: bool, max_seconds: float | None,
-           eval_batch_size: int, on_event: Event | None) -> TrainResult:
+           stream_weights: dict[str, str | Path | None] | None, device: str | torch.device, workers: int,
+           resume: bool, max_seconds: float | None, eval_batch_size: int, on_event: Event | None) -> TrainResult:
     from reid.model import ModelConfig, build_model, load_checkpoint
+    from reid.model.net import check_stream_weights
     from reid.runtime import prepare_torch, resolve_device
 
+    if not resume:  # a stream option that cannot work fails before any work on the data
+        check_stream_weights(model_config or ModelConfig(), pretrained=pretrained, stream_weights=stream_weights)
     emit = on_event or (lambda kind, info: None)
     dev = device if isinstance(device, torch.device) else resolve_device(device)
     prepare_torch()
@@ -237,7 +243,7 @@ def _train(dataset: Any, out: Path, config: TrainConfig, *, model_config: Any, p
         run.write_run_file(mc.to_dict())  # the settings in force from now on (e.g. more --epochs)
     else:
         _seed_everything(config.seed)
-        model = build_model(mc, pretrained=pretrained)
+        model = build_model(mc, pretrained=pretrained, stream_weights=stream_weights)
         run.write_run_file(mc.to_dict())
         run.metrics.path.unlink(missing_ok=True)
     model.to(dev)
