@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import torch
 
+from reid.errors import CheckpointError
 from reid.model import streams
 
 
@@ -82,3 +83,22 @@ def test_stride_one_stream_b_keeps_the_pretrained_kernel():
     with torch.inference_mode():
         expected = full.eval().blocks(full.bn1(full.conv_stem((x - 0.5) / 0.5)))
         assert torch.allclose(s32(x), expected, atol=1e-5)
+
+
+@pytest.mark.parametrize("build", [streams.mobilenet_v2_features, streams.efficientnet_lite0])
+def test_pretrained_trunks_are_built_empty_then_filled_and_a_short_file_is_refused(build, monkeypatch):
+    net = build(pretrained=True)
+    tensors = dict(net.state_dict())
+    assert tensors and not any(t.is_meta for t in tensors.values())
+    assert {t.dtype for t in tensors.values() if t.is_floating_point()} == {torch.float32}
+
+    real = streams._load_state
+
+    def short(path):
+        state = real(path)
+        state.pop(sorted(state)[len(state) // 2])
+        return state
+
+    monkeypatch.setattr(streams, "_load_state", short)
+    with pytest.raises(CheckpointError):
+        build(pretrained=True)

@@ -157,7 +157,7 @@ def model_fingerprint(model: AttentionBilinearNet) -> str:
     for key, value in sorted(model.state_dict().items()):
         t = value.detach().to("cpu").contiguous()
         h.update(f"\n{key}:{t.dtype}:{tuple(t.shape)}\n".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # the buffer itself, not a copy
     return "abn-" + h.hexdigest()[:16]
 
 
