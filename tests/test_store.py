@@ -267,9 +267,12 @@ def test_flat_rows_grow_shrink_and_round_trip_through_the_faiss_file(tmp_path):
     assert (found == ids[kept][ref_pos]).all() and np.allclose(scores, ref_s, atol=1e-5)
 
     vi.save(tmp_path / VECTORS_NAME)
-    loaded = VectorIndex.load(tmp_path / VECTORS_NAME)  # memory-mapped until first searched
+    loaded = VectorIndex.load(tmp_path / VECTORS_NAME)  # memory-mapped until searched twice
     assert loaded.kind == "flat" and loaded.ntotal == 2000 and loaded.digest() == vi.digest()
-    assert np.array_equal(loaded.search(queries, 7)[1], found)
+    mapped_s, mapped_i = loaded.search(queries, 7)  # FAISS's scan over the mapped file
+    assert loaded._rows is None and np.array_equal(mapped_i, found) and np.allclose(mapped_s, scores, atol=1e-5)
+    copied_s, copied_i = loaded.search(queries, 7)  # now over a NumPy copy
+    assert loaded._rows is not None and np.array_equal(copied_i, found) and np.allclose(copied_s, scores, atol=1e-5)
     loaded.add(np.array([5000]), queries[:1])  # a loaded index grows like a new one
     assert loaded.search(queries[:1], 1)[1][0, 0] == 5000
     (tmp_path / VECTORS_NAME).unlink()  # its rows live in its own memory now

@@ -231,9 +231,7 @@ class GalleryStore:
         def load() -> None:
             try:
                 with GalleryStore.open(self.root) as own:  # an SQLite connection is not shared across threads
-                    vi = own.vectors()
-                vi.prepare()  # the one-off copy of flat rows into NumPy happens here too
-                self._prefetched = vi
+                    self._prefetched = own.vectors()
             except BaseException as e:  # noqa: BLE001 - re-raised by vectors() in the caller's thread
                 self._prefetched = e
 
