@@ -10,8 +10,9 @@ Exact search on CPU does not go through ``IndexFlat.search``: for one query FAIS
 BLAS matrix-vector product. The product runs over a NumPy copy of the vectors, not over FAISS's own
 buffer: NumPy asks for transparent huge pages for large arrays and FAISS's ``malloc`` does not, and
 a memory-bound scan of 100k x 512 floats took 13.5 ms over 4 KiB pages against 7.0 ms over huge
-pages (``benchmarks/bench_index.py``). A loaded flat index therefore keeps its rows in NumPy
+pages (``benchmarks/bench_index.py``). A flat index therefore keeps its rows in NumPy
 (:class:`FlatRows`); FAISS is its file format, read zero-copy from a memory map and written on save.
+The copy is made on the second search: a one-shot query scans the mapped file with FAISS instead.
 """
 
 from __future__ import annotations
