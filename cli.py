@@ -235,7 +235,9 @@ def _render_matches(result) -> None:
     def known(v):
         return "-" if v is None else str(v)
 
-    title = result.query + (f"  (identity {result.pid}, camera {result.camid})" if result.pid is not None else "")
+    title = (f"{len(result.crops)} crops of one person: {', '.join(result.crops)}" if result.crops else result.query)
+    if result.pid is not None:
+        title += f"  (identity {result.pid}" + (f", camera {result.camid})" if result.camid is not None else ")")
     table = Table(title=title, title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
@@ -265,6 +267,8 @@ def query_cmd(
     as_json: bool = typer.Option(False, "--json", help="One JSON line per query on stdout."),
     save: Optional[Path] = typer.Option(None, "--save", help="Write a picture: each query beside its matches."),
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop matches scoring below this cosine."),
+    fuse: bool = typer.Option(False, "--fuse", help="The crops show one person: rank the gallery once by their mean "
+                              "embedding (multi-shot query)."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
 ) -> None:
     """Rank the indexed gallery for each query crop (same model as the index, checked by fingerprint)."""
@@ -276,7 +280,7 @@ def query_cmd(
         from reid.viz import check_picture_path
 
         check_picture_path(save)
-    results = query_images(images, index, top=top, min_score=min_score, device=device.value)
+    results = query_images(images, index, top=top, min_score=min_score, device=device.value, fuse=fuse)
     for r in results:
         if as_json:
             typer.echo(json.dumps(r.to_dict()))

@@ -36,16 +36,22 @@ class Match:
 
 @dataclass
 class QueryResult:
-    """The matches of one query image (identity and camera parsed from its name when Market-style)."""
+    """The matches of one query image (identity and camera parsed from its name when Market-style).
+
+    A fused query (several crops of one person, ranked by their mean embedding) lists every crop in
+    ``crops``; ``query`` is then the first of them.
+    """
 
     query: str
     matches: list[Match] = field(default_factory=list)
     pid: int | None = None
     camid: int | None = None
+    crops: list[str] | None = None
 
     def to_dict(self) -> dict[str, object]:
-        """``{"query": path, "matches": [...]}`` as printed by ``reid query --json``."""
-        return {"query": self.query, "matches": [m.to_dict() for m in self.matches]}
+        """``{"query": path, "matches": [...]}`` as printed by ``reid query --json`` (``"query"`` is the
+        list of crops for a fused query)."""
+        return {"query": self.crops if self.crops else self.query, "matches": [m.to_dict() for m in self.matches]}
 
 
 def load_queries(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
@@ -128,23 +134,36 @@ class Searcher:
         return embed_arrays(self.model, batch, device=self.device)
 
     def query(self, paths: Sequence[str | os.PathLike], *, top: int = 10, min_score: float | None = None,
-              images: Sequence[np.ndarray] | None = None) -> list[QueryResult]:
-        """Rank the gallery for each query image: best ``top`` matches scoring at least ``min_score``."""
+              images: Sequence[np.ndarray] | None = None, fuse: bool = False) -> list[QueryResult]:
+        """Rank the gallery for each query image: best ``top`` matches scoring at least ``min_score``.
+
+        ``fuse``: the images are crops of one person (a track, several cameras); rank the gallery once
+        by their mean embedding, re-normalised (multi-shot query), and return one result.
+        """
         if top < 1:
             raise InputError(f"--top must be at least 1, not {top}")
         images = load_queries(paths) if images is None else images
-        hits = self.store.search(self.embed(images), top)
+        vectors = self.embed(images)
+        if fuse:
+            mean = vectors.mean(axis=0, keepdims=True)
+            vectors = mean / max(float(np.linalg.norm(mean)), 1e-12)
+        hits = self.store.search(vectors, top)
         results = []
         for p, row in zip(paths, hits):
             pid, camid = parse_market_name(Path(p).name)
             matches = [Match(r, h.score, h.path, h.camid, h.pid) for r, h in enumerate(row, 1)
                        if min_score is None or h.score >= min_score]
             results.append(QueryResult(str(p), matches, pid, camid))
+        if fuse:
+            ids = {parse_market_name(Path(p).name)[0] for p in paths}
+            results[0].pid = ids.pop() if len(ids) == 1 else None  # the crops' identity, when they agree
+            results[0].camid = None
+            results[0].crops = [str(p) for p in paths]
         return results
 
 
 def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *, top: int = 10,
-                 min_score: float | None = None, device: str = "auto") -> list[QueryResult]:
+                 min_score: float | None = None, device: str = "auto", fuse: bool = False) -> list[QueryResult]:
     """``reid query``: check the index and the images first (cheap), then load the model and search."""
     if not paths:
         raise InputError("no query image given")
@@ -156,4 +175,4 @@ def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *
         images = load_queries(paths)
         model = Searcher._model_for(store, resolve_device(device))
         searcher = Searcher(store, model, next(model.parameters()).device)
-        return searcher.query(paths, top=top, min_score=min_score, images=images)
+        return searcher.query(paths, top=top, min_score=min_score, images=images, fuse=fuse)

@@ -42,7 +42,8 @@ def draw_results(results: Sequence[QueryResult], queries: Sequence[np.ndarray] |
         query = queries[i] if queries is not None else decode_image(r.query)
         items = [RankedItem(_crop(m.path), match_status(r.pid, m.pid), f"#{m.rank} {m.score:.3f}")
                  for m in r.matches]
-        rows.append(rank_strip(query, items, size=size, slots=slots, query_caption=Path(r.query).name[:14]))
+        caption = f"{len(r.crops)} crops" if r.crops else Path(r.query).name[:14]
+        rows.append(rank_strip(query, items, size=size, slots=slots, query_caption=caption))
     return stack_rows(rows)
 
 

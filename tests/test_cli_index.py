@@ -298,6 +298,31 @@ def test_query_json_lines_parse_and_rank_the_image_itself_first(built, tmp_path)
     assert [m["rank"] for m in json.loads(some.stdout)["matches"]] == [1]
 
 
+def test_fused_query_ranks_by_the_mean_embedding_of_the_crops(built, tmp_path):
+    files, idx = built
+    res = run("query", files[0], files[1], "--index", idx, "--json", "--top", "5", "--fuse")
+    assert res.exit_code == 0, res.output
+    [doc] = [json.loads(line) for line in res.stdout.splitlines()]
+    assert doc["query"] == [str(files[0]), str(files[1])]
+    con = sqlite3.connect(idx / "catalogue.sqlite")
+    stored = {p: np.frombuffer(b, "<f4") for p, b in con.execute("SELECT path, embedding FROM images")}
+    con.close()
+    mean = stored[str(files[0].resolve())] + stored[str(files[1].resolve())]
+    mean /= np.linalg.norm(mean)
+    expected = sorted((float(v @ mean) for v in stored.values()), reverse=True)[:5]
+    assert [m["score"] for m in doc["matches"]] == pytest.approx(expected, abs=1e-5)
+    for m in doc["matches"]:  # each score is its crop's cosine to the mean (the two query crops tie)
+        assert m["score"] == pytest.approx(float(stored[m["path"]] @ mean), abs=1e-5)
+    assert {m["path"] for m in doc["matches"][:2]} == {str(files[0].resolve()), str(files[1].resolve())}
+
+    table = run("query", files[0], files[1], "--index", idx, "--top", "3", "--fuse", "--save", tmp_path / "f.jpg")
+    assert table.exit_code == 0, table.output
+    assert "2 crops of one person" in table.stdout and "(identity 1)" in table.stdout
+    from reid.viz import rank_grid_shape
+
+    assert cv2.imread(str(tmp_path / "f.jpg")).shape[:2] == rank_grid_shape(1, 3)
+
+
 def test_query_table_and_picture(built, tmp_path):
     files, idx = built
     res = run("query", files[0], "--index", idx, "--top", "3", "--save", tmp_path / "result.jpg")
