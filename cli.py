@@ -228,8 +228,6 @@ def index_cmd(
 
 
 def _render_matches(result) -> None:
-    import os.path
-
     from rich.table import Table
 
     def known(v):

@@ -60,11 +60,11 @@ ANN_SINGLE_THREAD_BELOW = 16
 # the GPU copy of the rows and FAISS's GPU resources are made on first use, which costs far more than
 # the ~7 ms a single query takes per 100k rows on the CPU, so a one-shot `reid query` stays on the CPU.
 GPU_MIN_QUERIES = 64
+GPU_MAX_K = 2048  # FAISS's GPU k-selection limit
 # The first search of a loaded flat index (up to this many queries) runs FAISS's own scan over the
 # memory-mapped file (~40 ms at 100k rows, faults included) instead of first copying the rows into
 # NumPy (~0.1-0.2 s, then ~7 ms a query): a one-shot `reid query` ends there. Later searches copy.
 MAPPED_SEARCH_MAX_QUERIES = 8
-GPU_MAX_K = 2048  # FAISS's GPU k-selection limit
 
 
 @contextlib.contextmanager
