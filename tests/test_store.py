@@ -236,6 +236,18 @@ def test_approximate_kinds_find_the_exact_neighbours(tmp_path, kind, monkeypatch
         # Removing rows from an index kind that cannot remove in place rebuilds it.
         s.remove([f"/g/{i:05d}.jpg" for i in range(10)])
         assert s.vectors().ntotal == n - 10 and s.vector_state().state == "fresh"
+        written = [[h.id for h in row] for row in s.search(queries, 10)]
+
+    # Read back: memory-mapped (read-only buffers) and searched as it is; new rows give it buffers of its own.
+    with GalleryStore.open(tmp_path / "idx") as r:
+        assert r.vectors()._mapped is bool(vectors_mod._MMAP_READ)
+        assert [[h.id for h in row] for row in r.search(queries, 10)] == written
+    vi = VectorIndex.load(tmp_path / "idx" / VECTORS_NAME)
+    before = vi.search(queries, 10)[1]
+    vi.add(np.array([99_999]), queries[:1])
+    assert not vi._mapped and vi.ntotal == n - 9 and vi.search(queries[:1], 1)[1][0, 0] == 99_999
+    (tmp_path / "idx" / VECTORS_NAME).unlink()  # the added-to copy no longer needs the file
+    assert (vi.search(queries[1:], 10)[1] == before[1:]).mean() > 0.9
 
 
 def test_a_killed_save_leaves_no_temporary_file_behind(tmp_path):
