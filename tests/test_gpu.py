@@ -1,5 +1,6 @@
-"""The CUDA paths, checked against the CPU: embedding (fp16 head under autocast, fp32 streams), decoding
-workers with pinned memory, AMP training and resume, index + query, evaluation.
+"""The CUDA paths, checked against the CPU: embedding (fp32 on the device, TF32 off, whatever autocast
+``reid.embed`` opens), decoding workers with pinned memory, AMP training and resume, index + query,
+evaluation.
 
 Skipped without CUDA (``-m gpu`` selects them on a machine that has it). ``REID_TEST_DEVICE=cpu`` runs
 the same checks on the CPU, which is how their code is kept working on machines without a GPU.
