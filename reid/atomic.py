@@ -41,13 +41,13 @@ def _fsync_folder(folder: Path) -> None:
 def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
     """Yield an empty temporary folder beside ``path``; on success swap it in for ``path`` as a whole.
 
-    The files are fsynced, then ``path`` is renamed to ``NAME.old``, the new folder to ``path``, and
-    ``NAME.old`` is removed. A crash leaves either ``path`` (old or new, complete) or, between the two
-    renames, only ``NAME.old``, which ``recover_dir`` renames back. On failure the temporary folder
-    ``NAME.tmp`` is removed and ``path`` is left as it was.
+    The files are fsynced, then ``path`` is renamed to ``.NAME.reid-old``, the new folder to ``path``,
+    and the old one is removed. A crash leaves either ``path`` (old or new, complete) or, between the
+    two renames, only ``.NAME.reid-old``, which ``recover_dir`` renames back. On failure the temporary
+    folder ``.NAME.reid-tmp`` is removed and ``path`` is left as it was.
     """
     path = Path(path)
-    tmp, old = path.with_name(path.name + ".tmp"), path.with_name(path.name + ".old")
+    tmp, old = _siblings(path)
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir(parents=True)
@@ -71,13 +71,17 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         shutil.rmtree(old)
 
 
-def recover_dir(path: str | os.PathLike) -> bool:
-    """Finish what a killed ``atomic_dir`` left: restore ``NAME.old`` when ``path`` is gone, drop ``NAME.tmp``.
+def _siblings(path: Path) -> tuple[Path, Path]:
+    """The temporary and the old folder of an ``atomic_dir`` swap (hidden names no user picks)."""
+    return path.with_name(f".{path.name}.reid-tmp"), path.with_name(f".{path.name}.reid-old")
 
-    Returns True when ``path`` was restored. Call it from writers only (before writing ``path``).
+
+def recover_dir(path: str | os.PathLike) -> bool:
+    """Finish what a killed ``atomic_dir`` left: restore the old folder when ``path`` is gone, drop the
+    temporary one. Returns True when ``path`` was restored. Call it from writers only (before writing ``path``).
     """
     path = Path(path)
-    old, tmp = path.with_name(path.name + ".old"), path.with_name(path.name + ".tmp")
+    tmp, old = _siblings(path)
     restored = False
     if not path.exists() and old.exists():
         os.replace(old, path)

@@ -53,11 +53,12 @@ def test_atomic_dir_failure_keeps_the_old_folder_whole(tmp_path):
 
 def test_recover_dir_finishes_a_swap_killed_between_its_renames(tmp_path):
     target = tmp_path / "ckpt"
-    (tmp_path / "ckpt.old").mkdir()
-    (tmp_path / "ckpt.old" / "weights").write_text("old weights")
-    (tmp_path / "ckpt.tmp").mkdir()
-    (tmp_path / "ckpt.tmp" / "weights").write_text("half")
+    (tmp_path / ".ckpt.reid-old").mkdir()
+    (tmp_path / ".ckpt.reid-old" / "weights").write_text("old weights")
+    (tmp_path / ".ckpt.reid-tmp").mkdir()
+    (tmp_path / ".ckpt.reid-tmp" / "weights").write_text("half")
+    (tmp_path / "ckpt.tmp").mkdir()  # a folder of the user's that only looks like ours
     assert recover_dir(target) is True
     assert (target / "weights").read_text() == "old weights"
-    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "ckpt.tmp"]
     assert recover_dir(target) is False  # nothing left to do
