@@ -1,15 +1,18 @@
 """On-disk cache of embeddings: one ``.npz`` per (model fingerprint, flip, files' paths/sizes/mtimes).
 
 Evaluating again with other options (re-ranking, AP mode) reads the features instead of re-embedding.
-Written atomically, read with ``allow_pickle=False``.
+An interrupted run (Ctrl-C, a crash, ``kill -9``) leaves what it embedded in ``KEY.partial.npz``; the
+next run with the same key embeds only the rest. Written atomically, read with ``allow_pickle=False``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
 import os
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -23,7 +26,9 @@ log = logging.getLogger(__name__)
 
 DEFAULT_CACHE_DIR = "~/.cache/reid/features"
 CACHE_VERSION = 1
-
+# While embedding, the work so far is saved at most this often beside the entry (``KEY.partial.npz``),
+# and again when the run is interrupted, so the next run embeds only the rest.
+PARTIAL_SAVE_SECONDS = 30.0
 
 
 def cache_dir() -> Path:
@@ -127,12 +132,56 @@ def embed_files(
         if progress is not None:
             progress(done, len(unique))
 
-    res = embed_paths(model, unique, batch_size=batch_size, workers=workers, device=device, flip=flip, progress=advance)
-    table = FeatureTable([str(p) for p in res.paths], res.features, [(str(p), r) for p, r in res.failures])
+    partial = entry.with_name(entry.stem + ".partial.npz") if entry is not None else None
+    parts = [load_cached(partial)] if partial is not None and partial.is_file() else []
+    if parts and parts[0] is not None and {p for p, _ in parts[0].failures} | set(parts[0].paths) <= set(unique):
+        log.info("resuming an interrupted embedding: %d of %d files done", len(parts[0].paths) + len(parts[0].failures),
+                 len(unique))
+        advance(len(parts[0].paths) + len(parts[0].failures))
+    else:
+        parts = []
+    todo = _remaining(unique, parts)
+    last_save = time.monotonic()
+
+    def keep(batch_paths: list[Path], features: np.ndarray, failures: list[tuple[Path, str]]) -> None:
+        nonlocal last_save, partial
+        parts.append(FeatureTable([str(p) for p in batch_paths], features, [(str(p), r) for p, r in failures]))
+        if partial is not None and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
+            if not _save_quietly(partial, _merge(parts)):
+                partial = None  # warned once; no more tries this run
+            last_save = time.monotonic()
+
+    try:
+        embed_paths(model, todo, batch_size=batch_size, workers=workers, device=device, flip=flip, progress=advance,
+                    on_batch=keep)
+    except BaseException:
+        if partial is not None and parts:
+            _save_quietly(partial, _merge(parts))  # the next run starts from here
+        raise
+    table = _merge(parts) if parts else FeatureTable([], np.zeros((0, getattr(model, "embed_dim", 0)), np.float32))
     if entry is not None:
-        try:
-            save_cached(entry, table)
+        if _save_quietly(entry, table):
             log.info("feature cache written: %s", entry)
-        except OSError as e:  # a read-only or full cache folder costs the next run time, not this one's result
-            log.warning("could not write the feature cache %s (%s); set REID_CACHE to a writable folder", entry, e)
+            with contextlib.suppress(OSError):
+                entry.with_name(entry.stem + ".partial.npz").unlink(missing_ok=True)
     return table, "miss" if entry is not None else "off"
+
+
+def _remaining(unique: list[str], parts: list[FeatureTable]) -> list[str]:
+    done = {p for t in parts for p in t.paths} | {p for t in parts for p, _ in t.failures}
+    return [p for p in unique if p not in done]
+
+
+def _merge(parts: list[FeatureTable]) -> FeatureTable:
+    return FeatureTable([p for t in parts for p in t.paths], np.concatenate([t.features for t in parts]),
+                        [f for t in parts for f in t.failures])
+
+
+def _save_quietly(path: Path, table: FeatureTable) -> bool:
+    """save_cached; a read-only or full cache folder costs the next run time, not this one's result."""
+    try:
+        save_cached(path, table)
+        return True
+    except OSError as e:
+        log.warning("could not write the feature cache %s (%s); set REID_CACHE to a writable folder", path, e)
+        return False

@@ -269,3 +269,52 @@ def test_unwritable_cache_warns_but_evaluates(market, weights, tmp_path, monkeyp
     result = run("market1501", "--root", market, "--weights", weights, *FAST, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["cache"] == "miss" and "could not write the feature cache" in caplog.text
+
+
+def test_an_interrupted_embedding_resumes_where_it_stopped(market, cache, tmp_path, monkeypatch):
+    import reid.embed
+
+    model = build_model(TINY, pretrained=False)
+    files = sorted(str(p) for p in Path(market).rglob("*.jpg"))
+    (tmp_path / "broken.jpg").write_bytes(b"not an image")
+    files.append(str(tmp_path / "broken.jpg"))
+    fp = "m-resume"
+    whole, _ = fc.embed_files(model, files, fingerprint=fp, batch_size=4, workers=0, use_cache=False)
+
+    monkeypatch.setattr(fc, "PARTIAL_SAVE_SECONDS", 0.0)  # save after every batch
+    real = reid.embed.embed_paths
+    asked: list[list[str]] = []
+
+    def interrupted(model, paths, *, on_batch, **kw):
+        asked.append([str(p) for p in paths])
+        seen = []
+
+        def stop_after_two(*args):
+            on_batch(*args)
+            seen.append(1)
+            if len(seen) == 2:
+                raise KeyboardInterrupt
+
+        return real(model, paths, on_batch=stop_after_two, **kw)
+
+    monkeypatch.setattr(reid.embed, "embed_paths", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        fc.embed_files(model, files, fingerprint=fp, batch_size=4, workers=0)
+    [partial] = cache.glob("*.partial.npz")
+    assert len(fc.load_cached(partial).paths) == 8
+
+    def counting(model, paths, **kw):
+        asked.append([str(p) for p in paths])
+        return real(model, paths, **kw)
+
+    monkeypatch.setattr(reid.embed, "embed_paths", counting)
+    done = []
+    table, state = fc.embed_files(model, files, fingerprint=fp, batch_size=4, workers=0,
+                                  progress=lambda n, total: done.append((n, total)))
+    assert state == "miss" and asked[-1] == files[8:]  # only what the first run did not reach
+    assert done[:2] == [(8, len(files)), (12, len(files))] and done[-1] == (len(files), len(files))
+    assert not list(cache.glob("*.partial.npz")) and len(list(cache.glob("*.npz"))) == 1
+    assert [p for p, _ in table.failures] == [files[-1]]
+    rows, ref = table.rows(whole.paths), whole.rows(whole.paths)
+    assert (rows >= 0).all() and np.allclose(table.features[rows], whole.features[ref], atol=1e-6)
+    assert fc.embed_files(model, files, fingerprint=fp, batch_size=4, workers=0)[1] == "hit"
