@@ -360,6 +360,9 @@ def demo_cmd(
     _render_matches(results[0])
     picture = save_results(folder / "result.jpg", results)
     out.print(f"picture written to {picture}")
+    err.print("note: the default model has ImageNet streams and an untrained head, so expect wrong people among the "
+              "matches; `reid train` it (or index with --weights CHECKPOINT) for re-identification quality",
+              highlight=False, soft_wrap=True)
 
 
 # --- evaluate (issue 6) -----------------------------------------------------------------------

@@ -415,6 +415,7 @@ def test_demo_with_the_default_model(tmp_path):
     res = run("demo", tmp_path / "demo", "--identities", "3", "--device", "cpu")
     assert res.exit_code == 0, res.output
     assert "picture written" in res.stdout and (tmp_path / "demo" / "result.jpg").is_file()
+    assert "untrained head" in res.stderr
     info = json.loads(run("info", "--index", tmp_path / "demo" / "index", "--json").stdout)
     assert info["model_source"] == "default" and info["dim"] == 512 and info["rows"] > 0
 
