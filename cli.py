@@ -131,26 +131,10 @@ def model_cmd(
     if as_json:
         typer.echo(json.dumps(info))
         return
-    from rich.table import Table
+    from reid.console import model_table
 
-    d, p, f = info["dims"], info["parameters"], info["flops_per_image"]
-    table = Table(title="AttentionBilinearNet", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("weights", info["weights"])
-    table.add_row("fingerprint", info["fingerprint"])
-    table.add_row("stream A", info["streams"]["a"])
-    table.add_row("stream B", info["streams"]["b"])
-    table.add_row("input (H x W)", "{} x {}".format(*info["input_size"]))
-    table.add_row("grid", "{} x {} (output stride {})".format(*info["grid"], info["output_stride"]))
-    table.add_row("bilinear", f"{d['c_a']} x {d['c_b']} = {d['bilinear']} -> d_x {d['d_x']}")
-    table.add_row("spatial LSTM", f"{d['lstm_directions']} directions x d_h {d['d_h']}")
-    table.add_row("attention", f"{d['glimpses']} glimpses, hidden {d['d_att']}")
-    table.add_row("embedding", f"{d['embed_dim']} (BNNeck, L2-normalised)")
-    table.add_row("classifier", f"{d['num_classes']} identities" if d["num_classes"] else "none")
-    table.add_row("parameters", f"{p['total'] / 1e6:.2f} M (streams {p['backbone'] / 1e6:.2f} M, head {p['head'] / 1e6:.2f} M)")
-    table.add_row("FLOPs / image", f"{f['total'] / 1e9:.2f} G (streams {f['streams'] / 1e9:.2f} G, head {f['head'] / 1e9:.2f} G)")
-    out.print(table)
+    out.print(model_table(info))
+
 
 # --- index / query / info / demo (issue 4) ----------------------------------------------------
 
@@ -169,33 +153,15 @@ class IndexKind(str, Enum):
     ivfpq = "ivfpq"
 
 
-def _index_progress():
-    """A Rich progress bar on stderr showing images done / to embed and images per second."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
-    from rich.text import Text
-
-    class Rate(ProgressColumn):
-        def render(self, task) -> Text:
-            speed = task.finished_speed or task.speed
-            return Text(f"{speed:6.1f} img/s" if speed else "     - img/s")
-
-    return Progress("embedding", BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
-                    console=err, transient=True)
-
-
 def _render_index_report(report, as_json: bool) -> None:
     import json
 
+    from reid.console import print_index_report
+
     if as_json:
         typer.echo(json.dumps(report.to_dict()))
-        return
-    counts = [("added", report.added), ("updated", report.updated), ("reused", report.reused),
-              ("unchanged", report.unchanged), ("pruned", report.pruned), ("failed", len(report.failed))]
-    out.print(", ".join(f"{name} {n}" for name, n in counts)
-              + f" — {report.rows} rows in the index ({report.seconds:.1f} s"
-              + (f", {report.embedded / report.embed_seconds:.1f} img/s" if report.embed_seconds else "") + ")")
-    for path, reason in report.failed:
-        out.print(f"  [red]failed[/] {path}: {reason}", soft_wrap=True)
+    else:
+        print_index_report(out, report)
 
 
 @command("index")
@@ -217,44 +183,15 @@ def index_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Embed every new or changed crop of GALLERY into the index (incremental, resumable)."""
+    from reid.console import embedding_progress
     from reid.store.ingest import build_index
 
-    with _index_progress() as bar:
+    with embedding_progress(err) as bar:
         task = bar.add_task("embed", total=None)
         report = build_index(gallery, index, weights=None if weights is None else str(weights), batch_size=batch_size,
                              workers=workers, device=device.value, kind=kind and kind.value, prune=prune, rebuild=rebuild, wait=wait,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     _render_index_report(report, as_json)
-
-
-def _render_matches(result) -> None:
-    from rich.table import Table
-
-    def known(v):
-        return "-" if v is None else str(v)
-
-    title = (f"{len(result.crops)} crops of one person: {', '.join(result.crops)}" if result.crops else result.query)
-    if result.pid is not None:
-        title += f"  (identity {result.pid}" + (f", camera {result.camid})" if result.camid is not None else ")")
-    table = Table(title=title, title_justify="left")
-    table.add_column("rank", justify="right")
-    table.add_column("score", justify="right")
-    table.add_column("camera", justify="right")
-    table.add_column("identity", justify="right")
-    table.add_column("path", overflow="fold")
-    # Paths relative to the matches' common folder keep each on one line (JSON keeps them absolute).
-    paths = [m.path for m in result.matches]
-    common = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths) if paths else ""
-    if len(common) > 1:
-        paths = [os.path.relpath(p, common) for p in paths]
-    for m, path in zip(result.matches, paths):
-        same = result.pid is not None and result.pid > 0 and m.pid == result.pid
-        table.add_row(str(m.rank), f"{m.score:.4f}", known(m.camid), known(m.pid), path, style="green" if same else None)
-    if not result.matches:
-        table.caption = "no match above --min-score"
-    out.print(table)
-    if len(common) > 1:
-        out.print(f"paths under {common}", soft_wrap=True)
 
 
 @command("query", read_only=True)
@@ -272,6 +209,7 @@ def query_cmd(
     """Rank the indexed gallery for each query crop (same model as the index, checked by fingerprint)."""
     import json
 
+    from reid.console import print_matches
     from reid.search import query_images
 
     if save is not None:
@@ -283,20 +221,12 @@ def query_cmd(
         if as_json:
             typer.echo(json.dumps(r.to_dict()))
         else:
-            _render_matches(r)
+            print_matches(out, r)
     if save is not None:
         from reid.search_picture import save_results
 
         save_results(save, results)
         err.print(f"picture written to {save}")
-
-
-def _size(n: int) -> str:
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if n < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return str(n)
 
 
 @command("info", read_only=True)
@@ -317,20 +247,9 @@ def info_cmd(
     if as_json:
         typer.echo(json.dumps(info))
         return
-    from rich.table import Table
+    from reid.console import info_table
 
-    table = Table(title=f"index {info['index']}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("rows", str(info["rows"]))
-    table.add_row("dimension", str(info["dim"]))
-    table.add_row("kind", f"{info['kind']} ({info['vector_kind']})")
-    table.add_row("vectors.faiss", info["vectors"])
-    table.add_row("model", f"{info['model_source']} (fingerprint {info['fingerprint']})")
-    table.add_row("size on disk", _size(info["bytes_on_disk"]))
-    table.add_row("created", str(info["created_at"]))
-    table.add_row("last update", str(info["updated_at"]))
-    out.print(table)
+    out.print(info_table(info))
 
 
 @command("demo")
@@ -340,6 +259,7 @@ def demo_cmd(
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
 ) -> None:
     """Generate a small synthetic gallery, index it with the default model, query one crop, save the picture."""
+    from reid.console import embedding_progress, print_matches
     from reid.datasets.synthetic import write_folder
     from reid.images import find_images
     from reid.search import query_images
@@ -350,14 +270,14 @@ def demo_cmd(
     if not (data / "gallery").is_dir():
         err.print(f"writing a synthetic gallery of {identities} people to {data}")
         write_folder(data, num_test_ids=identities, num_distractors=identities // 2, with_train=False)
-    with _index_progress() as bar:
+    with embedding_progress(err) as bar:
         task = bar.add_task("embed", total=None)
         report = build_index(data / "gallery", folder / "index", weights="default", device=device.value,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     _render_index_report(report, as_json=False)
     query = find_images(data / "query")[0]
     results = query_images([query], folder / "index", top=8, device=device.value)
-    _render_matches(results[0])
+    print_matches(out, results[0])
     picture = save_results(folder / "result.jpg", results)
     out.print(f"picture written to {picture}")
     err.print("note: the default model has ImageNet streams and an untrained head, so expect wrong people among the "
@@ -395,10 +315,9 @@ def evaluate_cmd(
     """Mean AP, CMC and mINP of a model on a dataset's standard protocol."""
     import json
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TimeRemainingColumn
-
     from reid import evaluate as ev_mod
     from reid import viz
+    from reid.console import embedding_progress
     from reid.errors import InputError
 
     for picture in (plot, ranks):
@@ -409,8 +328,7 @@ def evaluate_cmd(
     if attention and ranks is None:
         raise InputError("--attention draws on the --ranks picture; add --ranks FILE")
 
-    with Progress("embedding", BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), console=err,
-                  transient=True, disable=not err.is_terminal) as bar:
+    with embedding_progress(err) as bar:
         task = bar.add_task("embed", total=None)
         ev = ev_mod.evaluate(
             dataset, root, weights=weights, variant=variant, protocol=protocol, split=split, rerank=rerank, ap=ap,
@@ -432,32 +350,9 @@ def evaluate_cmd(
     if as_json:
         typer.echo(json.dumps(rep))
         return
-    from rich.table import Table
+    from reid.console import evaluation_table
 
-    def pct(key: str) -> str:
-        if rep.get(key) is None:
-            return "-"
-        std = rep.get(f"{key}_std")
-        return f"{rep[key] * 100:.2f}%" + (f" ± {std * 100:.2f}" if std is not None else "")
-
-    t = rep["timings"]
-    table = Table(title=f"reid evaluate {dataset}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    for label, key in (("mAP", "mAP"), ("rank-1", "rank1"), ("rank-5", "rank5"), ("rank-10", "rank10"),
-                       ("rank-20", "rank20"), ("mINP", "mINP")):
-        table.add_row(label, pct(key))
-    table.add_row("queries (valid / all)", f"{rep['num_valid_queries']} / {rep['num_queries']}")
-    table.add_row("gallery images", str(rep["num_gallery"]))
-    splits = f", {len(rep['splits'])} splits, seed {rep['seed']}" if "splits" in rep else (
-        f", split {rep['split']}" if rep.get("split") is not None else "")
-    table.add_row("protocol", f"{rep['protocol']}{splits}" + (", re-ranked" if rerank else "")
-                  + (f", AP {rep['ap']}" if rep["ap"] != "standard" else ""))
-    table.add_row("model", f"{rep['weights']} ({rep['fingerprint'][:12]})")
-    table.add_row("features", f"{rep['num_images_embedded']} images, cache {rep['cache']}"
-                  + (f", {rep['num_images_failed']} failed to decode" if rep["num_images_failed"] else ""))
-    table.add_row("time", f"embed {t['embed_s']:.1f} s, metrics {t['metric_s']:.2f} s, total {t['total_s']:.1f} s")
-    out.print(table)
+    out.print(evaluation_table(rep, dataset))
 
 
 # --- train (issue 5) --------------------------------------------------------------------------
@@ -516,8 +411,7 @@ def train_cmd(
     """Train the network on a dataset's training split; checkpoints in OUT/last and OUT/best, log in OUT/metrics.jsonl."""
     import json
 
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
+    from reid.console import training_progress, training_table
     from reid.datasets import load
     from reid.errors import InputError
     from reid.train import TrainConfig, load_run_config, train
@@ -540,30 +434,8 @@ def train_cmd(
     options = {k: v for k, v in dict(variant=variant, protocol=protocol, split=split).items() if v is not None}
     data = load(dataset, root, **options)
 
-    state = {"mAP": None, "rank1": None}
-    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-               TextColumn("{task.fields[info]}"))
-    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-        task = bar.add_task("starting", total=None, info="")
-
-        def on_event(kind: str, info: dict) -> None:
-            if kind == "start":
-                err.print(f"training on {info['num_images']} images of {info['num_ids']} identities, "
-                          f"batch {info['batch_size']}, {info['device']} {info['precision']}, "
-                          f"epochs {info['start_epoch'] + 1}..{info['epochs']}")
-            elif kind == "step":
-                seen = "" if state["mAP"] is None else f"  mAP {state['mAP']:.1%} r1 {state['rank1']:.1%}"
-                bar.update(task, description=f"epoch {info['epoch']}", completed=info["step"], total=info["steps"],
-                           info=f"loss {info['loss']:.3f}  lr {info['lr']:.2e}  {info['images_per_s']:.1f} img/s{seen}")
-            elif kind == "eval_start":
-                bar.update(task, description=f"evaluating epoch {info['epoch']}", completed=0, total=None)
-            elif kind == "epoch":
-                if "mAP" in info:
-                    state["mAP"], state["rank1"] = info["mAP"], info["rank1"]
-                scored = f"  mAP {info['mAP']:.2%}  rank-1 {info['rank1']:.2%}" if "mAP" in info else ""
-                err.print(f"epoch {info['epoch']}: loss {info['loss']:.4f}  lr {info['lr']:.2e}  "
-                          f"{info['images_per_s']:.1f} img/s{scored}", highlight=False)
-
+    bar, on_event = training_progress(err)
+    with bar:
         result = train(data, out_dir, config, model_config=model_config, pretrained=pretrained,
                        stream_weights={"a": stream_a_weights, "b": stream_b_weights}, device=device.value,
                        workers=workers, resume=resume, eval_batch_size=eval_batch_size, on_event=on_event,
@@ -578,22 +450,7 @@ def train_cmd(
     if as_json:
         typer.echo(json.dumps(summary))
         return
-    from rich.table import Table
-
-    table = Table(title=f"reid train {dataset}", show_header=False)
-    table.add_column(style="bold")
-    table.add_column(justify="right")
-    table.add_row("epochs", f"{result.epochs_done}" + (" (time budget reached)" if result.stopped_early else ""))
-    table.add_row("training speed", f"{result.images_per_s:.1f} img/s")
-    if "loss" in result.last:
-        table.add_row("last loss", f"{result.last['loss']:.4f}")
-    if "mAP" in result.last:
-        table.add_row("last mAP / rank-1", f"{result.last['mAP']:.2%} / {result.last['rank1']:.2%}")
-    if result.best_epoch:
-        table.add_row("best mAP", f"{result.best_map:.2%} (epoch {result.best_epoch}) -> {result.out / 'best'}")
-    table.add_row("checkpoint", str(result.out / "last"))
-    table.add_row("metrics log", str(result.out / "metrics.jsonl"))
-    out.print(table)
+    out.print(training_table(result, dataset))
 
 
 def run() -> None:
