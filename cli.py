@@ -1,4 +1,5 @@
-"""reid command line: a thin Typer layer that parses, calls ``reid.*`` and renders.
+"""reid command line: a thin Typer layer that parses options, calls ``reid.*`` and hands the results to
+``reid.console`` to draw.
 
 Results go to stdout; progress, warnings and logs to stderr. Heavy imports (torch, faiss)
 happen inside the commands so that ``reid --help`` is instant.
