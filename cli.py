@@ -205,6 +205,8 @@ def query_cmd(
     min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop matches scoring below this cosine."),
     fuse: bool = typer.Option(False, "--fuse", help="The crops show one person: rank the gallery once by their mean "
                               "embedding (multi-shot query)."),
+    other_cameras: bool = typer.Option(False, "--other-cameras", help="Leave out gallery crops from the query's own "
+                                       "camera (read from a Market-style name, e.g. 0002_c1s1_...)."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
 ) -> None:
     """Rank the indexed gallery for each query crop (same model as the index, checked by fingerprint)."""
@@ -217,7 +219,8 @@ def query_cmd(
         from reid.viz import check_picture_path
 
         check_picture_path(save)
-    results = query_images(images, index, top=top, min_score=min_score, device=device.value, fuse=fuse)
+    results = query_images(images, index, top=top, min_score=min_score, device=device.value, fuse=fuse,
+                           other_cameras=other_cameras)
     for r in results:
         if as_json:
             typer.echo(json.dumps(r.to_dict()))

@@ -12,7 +12,7 @@ import numpy as np
 
 from reid.errors import CheckpointError, InputError, StoreError
 from reid.images import decode_image, parse_market_name, preprocess
-from reid.store import GalleryStore
+from reid.store import GalleryStore, Hit
 from reid.store.model_ref import fingerprint, load_model
 
 log = logging.getLogger(__name__)
@@ -65,6 +65,14 @@ def load_queries(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
             raise InputError(f"query image {path} is a folder; pass image files")
         images.append(decode_image(path))  # ImageDecodeError(InputError) says why it cannot be read
     return images
+
+
+def require_cameras(paths: Sequence[str | os.PathLike]) -> None:
+    """InputError unless every query names its camera (Market style), as ``--other-cameras`` needs."""
+    for p in paths:
+        if parse_market_name(Path(p).name)[1] is None:
+            raise InputError(f"--other-cameras needs the query's camera, and {p} does not name one "
+                             f"(Market-style names like 0002_c1s1_000451_03.jpg do)")
 
 
 def require_rows(store: GalleryStore) -> None:
@@ -134,39 +142,61 @@ class Searcher:
         return embed_arrays(self.model, batch, device=self.device)
 
     def query(self, paths: Sequence[str | os.PathLike], *, top: int = 10, min_score: float | None = None,
-              images: Sequence[np.ndarray] | None = None, fuse: bool = False) -> list[QueryResult]:
+              images: Sequence[np.ndarray] | None = None, fuse: bool = False,
+              other_cameras: bool = False) -> list[QueryResult]:
         """Rank the gallery for each query image: best ``top`` matches scoring at least ``min_score``.
 
         ``fuse``: the images are crops of one person (a track, several cameras); rank the gallery once
         by their mean embedding, re-normalised (multi-shot query), and return one result.
+        ``other_cameras``: leave out gallery crops from the query's own camera (the evaluation protocols
+        do the same), so the same track does not fill the list; the camera comes from a Market-style
+        name (``0002_c1s1_...``), and a query without one is an InputError.
         """
         if top < 1:
             raise InputError(f"--top must be at least 1, not {top}")
+        names = [parse_market_name(Path(p).name) for p in paths]
+        if other_cameras:
+            require_cameras(paths)
         images = load_queries(paths) if images is None else images
         vectors = self.embed(images)
+        excluded = [{cam} for _, cam in names] if other_cameras else [set() for _ in names]
         if fuse:
             mean = vectors.mean(axis=0, keepdims=True)
             vectors = mean / max(float(np.linalg.norm(mean)), 1e-12)
-        hits = self.store.search(vectors, top)
+            excluded = [set().union(*excluded)]
+        hits = self._search(vectors, top, excluded)
         results = []
-        for p, row in zip(paths, hits):
-            pid, camid = parse_market_name(Path(p).name)
+        for p, (pid, camid), row in zip(paths, names, hits):
             matches = [Match(r, h.score, h.path, h.camid, h.pid) for r, h in enumerate(row, 1)
                        if min_score is None or h.score >= min_score]
             results.append(QueryResult(str(p), matches, pid, camid))
         if fuse:
-            ids = {parse_market_name(Path(p).name)[0] for p in paths}
+            ids = {pid for pid, _ in names}
             results[0].pid = ids.pop() if len(ids) == 1 else None  # the crops' identity, when they agree
             results[0].camid = None
             results[0].crops = [str(p) for p in paths]
         return results
 
+    def _search(self, vectors: np.ndarray, top: int, excluded: list[set[int | None]]) -> list[list[Hit]]:
+        """Top ``top`` hits per query whose camera is not in its ``excluded`` set (asking for more as needed)."""
+        if not any(excluded):
+            return self.store.search(vectors, top)
+        rows, k = self.store.count(), top * 4
+        while True:
+            hits = [[h for h in row if h.camid not in ex][:top] for row, ex in zip(self.store.search(vectors, k), excluded)]
+            if k >= rows or all(len(row) == top for row in hits):
+                return hits
+            k *= 4
+
 
 def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *, top: int = 10,
-                 min_score: float | None = None, device: str = "auto", fuse: bool = False) -> list[QueryResult]:
+                 min_score: float | None = None, device: str = "auto", fuse: bool = False,
+                 other_cameras: bool = False) -> list[QueryResult]:
     """``reid query``: check the index and the images first (cheap), then load the model and search."""
     if not paths:
         raise InputError("no query image given")
+    if other_cameras:
+        require_cameras(paths)  # before any loading
     from reid.runtime import resolve_device
 
     with GalleryStore.open(index) as store:  # a missing or empty index fails before any decoding
@@ -175,4 +205,5 @@ def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *
         images = load_queries(paths)
         model = Searcher._model_for(store, resolve_device(device))
         searcher = Searcher(store, model, next(model.parameters()).device)
-        return searcher.query(paths, top=top, min_score=min_score, images=images, fuse=fuse)
+        return searcher.query(paths, top=top, min_score=min_score, images=images, fuse=fuse,
+                              other_cameras=other_cameras)

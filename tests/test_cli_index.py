@@ -454,3 +454,24 @@ def test_the_program_entry_point_flushes_output_and_keeps_exit_codes(tmp_path, c
     assert info.returncode == 0 and json.loads(info.stdout)["rows"] == 4
     again = program("index", tmp_path / "g", "--index", idx, "--weights", ckpt, "--workers", "0", "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["unchanged"] == 4  # a writer ends normally
+
+
+def test_other_cameras_leaves_out_the_query_camera(built, tmp_path, monkeypatch):
+    files, idx = built  # 3 identities x 3 cameras
+    res = run("query", files[0], files[4], "--index", idx, "--json", "--top", "5", "--other-cameras")
+    assert res.exit_code == 0, res.output
+    docs = [json.loads(line) for line in res.stdout.splitlines()]
+    for doc, cam in zip(docs, (1, 2)):
+        assert len(doc["matches"]) == 5 and all(m["camid"] != cam for m in doc["matches"])
+        assert [m["rank"] for m in doc["matches"]] == [1, 2, 3, 4, 5]
+    everything = run("query", files[0], "--index", idx, "--json", "--top", "9", "--other-cameras")
+    assert len(json.loads(everything.stdout)["matches"]) == 6  # the other two cameras' crops, no more
+
+    fused = run("query", files[0], files[1], "--index", idx, "--json", "--top", "9", "--fuse", "--other-cameras")
+    assert {m["camid"] for m in json.loads(fused.stdout)["matches"]} == {3}  # both query cameras left out
+
+    import reid.model
+    monkeypatch.setattr(reid.model, "load_model", lambda *a, **k: pytest.fail("loaded a model before checking"))
+    renamed = tmp_path / "suspect.jpg"
+    renamed.write_bytes(files[0].read_bytes())
+    one_line_error(run("query", renamed, "--index", idx, "--other-cameras"), "--other-cameras", "suspect.jpg")
