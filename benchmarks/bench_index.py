@@ -1,12 +1,14 @@
 """Benchmark: `reid index` throughput, `reid query` latency at 100k rows, approximate search at 1M rows.
 
 Three parts, each against a baseline measured in the same run:
-  1. index: ``index_folder`` end to end (walk, hash, worker decoding, model, SQLite commits per
-     batch, FAISS save) in images/s, against the model alone on pre-decoded tensors (target >= 85%).
-     Also `reid index` from the shell (start-up and model load included), for orientation.
+  1. index: ``index_folder`` end to end (walk, hash, decoding, model, SQLite commits per batch,
+     FAISS save) in images/s, against the model alone on pre-decoded tensors (target >= 85%), with
+     the default decoding workers (``auto``) and with 2 worker processes, in ``--rounds`` paired
+     rounds. Also `reid index` from the shell (start-up and model load included), for orientation.
   2. query: an index of ``--rows`` synthetic clustered vectors inserted through the store; search
      alone per single query (target <= 10 ms) against ``faiss.IndexFlatIP.search`` on the same
-     vectors (the BLAS-threshold trap), and `reid query IMG` from the shell (target <= 3 s).
+     vectors (the BLAS-threshold trap), and `reid query IMG` from the shell (target <= 3 s), each
+     shell run paired with the start-up floor (`import torch, faiss`) measured right before it.
   3. ann: ``--size`` clustered vectors (identities of ~20 images, 5 identities per look-alike
      group) in the kind ``--kind auto`` picks; recall@10 against exact search (target >= 0.95)
      and ms per single query (target <= 5 ms), with exact search time as the baseline.
