@@ -405,7 +405,9 @@ def train_cmd(
     protocol: Optional[str] = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
     split: Optional[int] = typer.Option(None, "--split", help="cuhk03 classic split 0..19."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
-    workers: int = typer.Option(2, "--workers", min=0, help="Decoding processes."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=0, show_default="auto",
+                                         help="Decoding + augmentation processes (auto: none on a 1-2 core CPU, more "
+                                              "with more cores or CUDA)."),
     eval_batch_size: int = typer.Option(64, "--eval-batch-size", min=1),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0,
                                                 help="Stop after the epoch past which another would not fit."),

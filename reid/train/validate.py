@@ -19,7 +19,7 @@ def evaluate_model(
     dataset: Any,
     *,
     device: torch.device,
-    workers: int = 2,
+    workers: int | None = None,
     batch_size: int = 64,
     progress: Callable[[int], None] | None = None,
     seed: int = 0,
