@@ -81,7 +81,7 @@ def main() -> None:
     ap.add_argument("--model", default="tiny", help="tiny | default | path to a checkpoint")
     ap.add_argument("--device", default="auto")
     ap.add_argument("--batch-size", type=int, default=32)
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="decoding processes (default: auto, as reid evaluate)")
     ap.add_argument("--rerank", action="store_true", help="also time the warm run with k-reciprocal re-ranking")
     ap.add_argument("--baseline-images", type=int, default=1024, help="crops for the model-only baseline")
     args = ap.parse_args()

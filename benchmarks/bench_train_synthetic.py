@@ -56,7 +56,7 @@ def main() -> None:
     ap.add_argument("--warmup-epochs", type=int, default=1)
     ap.add_argument("--precision", default="auto")
     ap.add_argument("--device", default="auto")
-    ap.add_argument("--workers", type=int, default=2)
+    ap.add_argument("--workers", type=int, default=None, help="loader processes (default: auto, as reid train)")
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = torch's default)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--data-seed", type=int, default=0)
@@ -140,7 +140,7 @@ def main() -> None:
           f"{trained['mINP']:>8.4f}")
     print(f"mean training loss: epoch 1 {first_loss:.3f} -> epoch {result.epochs_done} {last_loss:.3f}")
     print(f"training speed: {train_speed:.1f} img/s (P={cfg.batch_p} x K={cfg.batch_k}, {size}, "
-          f"workers={args.workers})")
+          f"workers={args.workers if args.workers is not None else 'auto'})")
     print(f"mAP x{ratio:.2f} (target >= 2: {'PASS' if ok_map else 'FAIL'}), "
           f"rank-1 {trained['rank1']:.3f} (target >= 0.8: {'PASS' if ok_r1 else 'FAIL'})")
     if args.json:
