@@ -58,6 +58,10 @@ class FeatureTable:
     features: np.ndarray
     failures: list[tuple[str, str]] = field(default_factory=list)
 
+    def covered(self) -> set[str]:
+        """Every path the table accounts for: embedded or failed."""
+        return set(self.paths) | {p for p, _ in self.failures}
+
     def rows(self, paths: Sequence[str | Path]) -> np.ndarray:
         """Row of each path (-1 for a file that failed to decode)."""
         where = {p: i for i, p in enumerate(self.paths)}
@@ -121,7 +125,7 @@ def embed_files(
     entry = cache_dir() / f"{feature_cache_key(fingerprint, flip, unique)}.npz" if use_cache else None
     if entry is not None:
         cached = load_cached(entry)
-        if cached is not None and set(cached.paths) | {p for p, _ in cached.failures} == set(unique):
+        if cached is not None and cached.covered() == set(unique):
             log.info("feature cache hit: %s", entry)
             return cached, "hit"
     done = 0
@@ -133,43 +137,35 @@ def embed_files(
             progress(done, len(unique))
 
     partial = entry.with_name(entry.stem + ".partial.npz") if entry is not None else None
-    parts = [load_cached(partial)] if partial is not None and partial.is_file() else []
-    if parts and parts[0] is not None and {p for p, _ in parts[0].failures} | set(parts[0].paths) <= set(unique):
-        log.info("resuming an interrupted embedding: %d of %d files done", len(parts[0].paths) + len(parts[0].failures),
-                 len(unique))
-        advance(len(parts[0].paths) + len(parts[0].failures))
-    else:
-        parts = []
-    todo = _remaining(unique, parts)
-    last_save = time.monotonic()
+    resumed = load_cached(partial) if partial is not None and partial.is_file() else None
+    already = resumed.covered() if resumed is not None else set()
+    parts = [resumed] if already and already <= set(unique) else []
+    if parts:
+        log.info("resuming an interrupted embedding: %d of %d files done", len(already), len(unique))
+        advance(len(already))
+    todo = [p for p in unique if p not in already] if parts else unique
+    saving, last_save = partial is not None, time.monotonic()
 
     def keep(batch_paths: list[Path], features: np.ndarray, failures: list[tuple[Path, str]]) -> None:
-        nonlocal last_save, partial
+        nonlocal saving, last_save
         parts.append(FeatureTable([str(p) for p in batch_paths], features, [(str(p), r) for p, r in failures]))
-        if partial is not None and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
-            if not _save_quietly(partial, _merge(parts)):
-                partial = None  # warned once; no more tries this run
+        if saving and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
+            saving = _save_quietly(partial, _merge(parts))  # after one warning, no more tries this run
             last_save = time.monotonic()
 
     try:
         embed_paths(model, todo, batch_size=batch_size, workers=workers, device=device, flip=flip, progress=advance,
                     on_batch=keep)
     except BaseException:
-        if partial is not None and parts:
+        if saving and parts:
             _save_quietly(partial, _merge(parts))  # the next run starts from here
         raise
     table = _merge(parts) if parts else FeatureTable([], np.zeros((0, getattr(model, "embed_dim", 0)), np.float32))
-    if entry is not None:
-        if _save_quietly(entry, table):
-            log.info("feature cache written: %s", entry)
-            with contextlib.suppress(OSError):
-                entry.with_name(entry.stem + ".partial.npz").unlink(missing_ok=True)
+    if entry is not None and _save_quietly(entry, table):
+        log.info("feature cache written: %s", entry)
+        with contextlib.suppress(OSError):
+            partial.unlink(missing_ok=True)
     return table, "miss" if entry is not None else "off"
-
-
-def _remaining(unique: list[str], parts: list[FeatureTable]) -> list[str]:
-    done = {p for t in parts for p in t.paths} | {p for t in parts for p, _ in t.failures}
-    return [p for p in unique if p not in done]
 
 
 def _merge(parts: list[FeatureTable]) -> FeatureTable:
