@@ -98,14 +98,14 @@ class Searcher:
         try:
             require_rows(store)
             store.prefetch()  # read vectors.faiss while the model loads
-            model = cls._model_for(store, resolve_device(device))
-            return cls(store, model, next(model.parameters()).device)
+            return cls.on(store, resolve_device(device))
         except BaseException:
             store.close()
             raise
 
-    @staticmethod
-    def _model_for(store: GalleryStore, device):
+    @classmethod
+    def on(cls, store: GalleryStore, device) -> "Searcher":
+        """A searcher over an open store with the model its vectors come from (StoreError if it is gone or changed)."""
         meta = store.meta
         source = meta.get("model_source", "default")
         try:
@@ -119,7 +119,7 @@ class Searcher:
                 f"the model {source} (fingerprint {fp}) is not the one index {store.root} was built with "
                 f"({meta['fingerprint']}); rebuild it: `reid index GALLERY --index {store.root} --rebuild"
                 f"{'' if source == 'default' else ' --weights ' + source}`")
-        return model
+        return cls(store, model, next(model.parameters()).device)
 
     def close(self) -> None:
         """Close the index."""
@@ -203,7 +203,5 @@ def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *
         require_rows(store)
         store.prefetch()  # read vectors.faiss while the images decode and the model loads
         images = load_queries(paths)
-        model = Searcher._model_for(store, resolve_device(device))
-        searcher = Searcher(store, model, next(model.parameters()).device)
-        return searcher.query(paths, top=top, min_score=min_score, images=images, fuse=fuse,
-                              other_cameras=other_cameras)
+        searcher = Searcher.on(store, resolve_device(device))
+        return searcher.query(paths, top=top, min_score=min_score, images=images, fuse=fuse, other_cameras=other_cameras)
