@@ -20,13 +20,17 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         yield tmp
-        with open(tmp, "rb") as fh:
-            os.fsync(fh.fileno())
+        _fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
     _fsync_folder(path.parent)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as fh:
+        os.fsync(fh.fileno())
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -55,8 +59,7 @@ def atomic_dir(path: str | os.PathLike) -> Iterator[Path]:
         yield tmp
         for f in tmp.iterdir():
             if f.is_file():
-                with open(f, "rb") as fh:
-                    os.fsync(fh.fileno())
+                _fsync_file(f)
         _fsync_folder(tmp)
         if old.exists():
             shutil.rmtree(old)
