@@ -28,6 +28,12 @@ err = Console(stderr=True)
 out = Console(highlight=False)
 
 
+def _workers_option(what: str):
+    """--workers, defaulting to reid.embed.auto_workers."""
+    return typer.Option(None, "--workers", min=0, show_default="auto",
+                        help=f"{what} (auto: none on a 1-2 core CPU, more with more cores or CUDA).")
+
+
 class DeviceName(str, Enum):
     """--device: auto picks CUDA when present."""
 
@@ -172,8 +178,7 @@ def index_cmd(
     weights: Optional[Path] = typer.Option(
         None, "--weights", help="Checkpoint (folder or .pt). Default: the index's model; the pretrained model for a new index."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, show_default="auto",
-                                         help="Decoding processes (auto: none on a 1-2 core CPU, more with more cores or CUDA)."),
+    workers: Optional[int] = _workers_option("Decoding processes"),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     kind: Optional[IndexKind] = typer.Option(
         None, "--kind",
@@ -304,8 +309,7 @@ def evaluate_cmd(
     ap: str = typer.Option("standard", "--ap", help="standard (open-reid) or trapezoid (official Market MATLAB)."),
     flip: bool = typer.Option(False, "--flip", help="Average embeddings with horizontally flipped crops."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, show_default="auto",
-                                         help="Decoding processes (auto: none on a 1-2 core CPU, more with more cores or CUDA)."),
+    workers: Optional[int] = _workers_option("Decoding processes"),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
     plot: Optional[Path] = typer.Option(None, "--plot", help="Write the CMC curve (ranks 1-50) to this picture."),
@@ -405,9 +409,7 @@ def train_cmd(
     protocol: Optional[str] = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
     split: Optional[int] = typer.Option(None, "--split", help="cuhk03 classic split 0..19."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
-    workers: Optional[int] = typer.Option(None, "--workers", min=0, show_default="auto",
-                                         help="Decoding + augmentation processes (auto: none on a 1-2 core CPU, more "
-                                              "with more cores or CUDA)."),
+    workers: Optional[int] = _workers_option("Decoding + augmentation processes"),
     eval_batch_size: int = typer.Option(64, "--eval-batch-size", min=1),
     max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0,
                                                 help="Stop after the epoch past which another would not fit."),
