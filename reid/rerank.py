@@ -129,6 +129,9 @@ def _initial_floor(x: np.ndarray, k: int, step: int) -> np.ndarray:
     floor = np.empty(n, dtype=np.float32)
     for a in range(0, n, step):
         floor[a : a + step] = np.partition(x[a : a + step] @ sub.T, cols.shape[0] - k, axis=1)[:, -k]
+    # The blocks recompute these products with other BLAS kernels, whose rounding differs by a few ulps:
+    # lower the bound by far more than that so a row's own k-th neighbour is never pruned.
+    floor -= np.float32(1e-4)
     return floor
 
 
