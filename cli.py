@@ -46,6 +46,18 @@ class DeviceName(str, Enum):
 _read_only_done = False
 
 
+def _message(e: Exception) -> str:
+    """A library error in the CLI's words: what is wrong, then which option fixes it."""
+    from reid.errors import ModelMismatchError
+
+    if isinstance(e, ModelMismatchError):
+        theirs = "" if e.built_with.is_default else f" --weights {e.built_with.source}"
+        ours = "" if e.given.is_default else f" --weights {e.given.source}"
+        return (f"{e}; use{theirs or ' the default model (drop --weights)'} for its model, or re-embed the gallery: "
+                f"`reid index GALLERY --index {e.gallery} --rebuild{ours}`")
+    return str(e)
+
+
 def command(*args, read_only: bool = False, **kwargs):
     """Register a Typer command whose ReidError becomes one line on stderr and exit code 1.
 
@@ -64,7 +76,7 @@ def command(*args, read_only: bool = False, **kwargs):
                 _read_only_done = read_only
                 return result
             except ReidError as e:
-                err.print(f"[bold red]error:[/] {e}", highlight=False, soft_wrap=True)
+                err.print(f"[bold red]error:[/] {_message(e)}", highlight=False, soft_wrap=True)
                 _read_only_done = read_only
                 raise typer.Exit(1)
             except KeyboardInterrupt:
@@ -269,7 +281,7 @@ def demo_cmd(
 ) -> None:
     """Generate a small synthetic gallery, index it with the default model, query one crop, save the picture."""
     from reid.console import embedding_progress, print_matches
-    from reid.datasets.synthetic import write_folder
+    from reid.synthetic import write_folder
     from reid.images import find_images
     from reid.search import query_images
     from reid.search_picture import save_results

@@ -49,7 +49,7 @@ def ensure_tree(root: Path, size: tuple[int, int]) -> Path:
     marker = root / f".complete-{size[0]}x{size[1]}"
     if not marker.exists():
         t = time.perf_counter()
-        code = ("import sys; from reid.datasets.synthetic import write_market1501; "
+        code = ("import sys; from reid.synthetic import write_market1501; "
                 "write_market1501(sys.argv[1], mirror_real=True, size=(int(sys.argv[2]), int(sys.argv[3])))")
         subprocess.run([sys.executable, "-c", code, str(root), str(size[0]), str(size[1])], check=True,
                        cwd=Path(__file__).resolve().parents[1])

@@ -86,7 +86,7 @@ def write_crops(folder: Path, n: int) -> list[Path]:
     """``n`` synthetic pedestrian JPEGs (128x64, Market names)."""
     import cv2
 
-    from reid.datasets.render import render_person
+    from reid.synthetic.render import render_person
 
     folder.mkdir(parents=True, exist_ok=True)
     paths = []

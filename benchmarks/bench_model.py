@@ -30,7 +30,7 @@ def crops(n_ids: int = 16, n_cams: int = 4) -> tuple[torch.Tensor, np.ndarray]:
 
     imgs, ids = [], []
     try:
-        from reid.datasets.synthetic import render_person
+        from reid.synthetic import render_person
 
         rng = np.random.default_rng(0)
         for pid in range(1, n_ids + 1):
@@ -56,7 +56,7 @@ def crops(n_ids: int = 16, n_cams: int = 4) -> tuple[torch.Tensor, np.ndarray]:
     except ImportError:
         pass
     if not imgs:
-        raise SystemExit("need reid.datasets.synthetic or scikit-image for the agreement check")
+        raise SystemExit("need reid.synthetic or scikit-image for the agreement check")
     x = torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(255)
     return x, np.array(ids)
 
@@ -99,14 +99,11 @@ def main() -> None:
     def ours(mode: str):
         def run(x: torch.Tensor) -> torch.Tensor:
             if mode == "plain":
-                model.fuse_inference = False
-                with torch.no_grad():
+                with torch.no_grad(), model.run_mode(fused=False):
                     return model(x)
-            model.fuse_inference = True
-            model.allow_autocast = mode in ("bf16", "fp16")
             dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(mode)
             ctx = torch.autocast("cpu", dtype=dtype) if dtype else contextlib.nullcontext()
-            with torch.inference_mode(), ctx:
+            with torch.inference_mode(), ctx, model.run_mode(streams_autocast=dtype is not None):
                 return model(x)
 
         return run

@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 def write_data(root: Path, args: argparse.Namespace) -> None:
     """Write the synthetic tree in a child process (OpenCV's thread pool must not be inherited by forked workers)."""
     code = (
-        "import sys, json; from reid.datasets.synthetic import write_market1501; "
+        "import sys, json; from reid.synthetic import write_market1501; "
         "write_market1501(sys.argv[1], **json.loads(sys.argv[2]))"
     )
     options = dict(num_train_ids=args.ids, num_test_ids=args.ids, cameras=args.cameras,

@@ -57,31 +57,41 @@ def _collate(items):
 
 
 def model_input_size(model: torch.nn.Module) -> tuple[int, int]:
-    """The (H, W) a model expects, from its config when it has one (256x128 otherwise)."""
-    config = getattr(model, "config", None)
-    return tuple(getattr(config, "input_size", (256, 128)))
+    """The (H, W) crop size a model embeds (``model.input_size``)."""
+    return tuple(model.input_size)
 
 
-def inference_context(model: torch.nn.Module, device: torch.device):
-    """Autocast for inference: fp16 on CUDA; on CPU whatever the model declares safe (else fp32)."""
-    if device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    dtype = getattr(model, "cpu_inference_dtype", None)
-    if dtype is not None and dtype != torch.float32:
-        return torch.autocast("cpu", dtype=dtype)
+def to_model_input(batch: torch.Tensor) -> torch.Tensor:
+    """uint8 crops [B,H,W,3] RGB -> float32 [B,3,H,W] in [0, 1]: the one conversion every embedding uses.
+
+    Division by 255 rounds exactly as ``reid.images.to_unit_float`` does on the CPU (both are IEEE
+    float32 divisions), so crops prepared either way give the model the same numbers.
+    """
+    return batch.permute(0, 3, 1, 2).float().div_(255.0)
+
+
+def _mode(model: torch.nn.Module, count: int):
+    """The network's inference mode for ``count`` crops: its fused copy costs ~0.1 s to build, which
+    pays off over a batch, not for a crop or two."""
+    from reid.model.net import AttentionBilinearNet
+
+    if isinstance(model, AttentionBilinearNet):
+        return model.run_mode(fused=count >= 8)
     return contextlib.nullcontext()
 
 
 @torch.inference_mode()
-def _run(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, flip: bool) -> torch.Tensor:
-    x = batch.to(device, non_blocking=True)
-    if x.dtype == torch.uint8:  # [B,H,W,3] from the decoding workers
-        x = x.permute(0, 3, 1, 2).float().mul_(1.0 / 255.0)
-    with inference_context(model, device):
-        feats = model(x).float()
-        if flip:
-            feats = feats + model(x.flip(3)).float()
+def _forward(model: torch.nn.Module, x: torch.Tensor, flip: bool) -> torch.Tensor:
+    """float [B,3,H,W] on the model's device -> L2-normalised embeddings (flip: sum with the mirrored crop)."""
+    feats = model(x).float()
+    if flip:
+        feats = feats + model(x.flip(3)).float()
     return torch.nn.functional.normalize(feats, dim=1)
+
+
+def _run(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, flip: bool) -> torch.Tensor:
+    """uint8 crops [B,H,W,3] (already resized) -> embeddings on the CPU."""
+    return _forward(model, to_model_input(batch.to(device, non_blocking=True)), flip).cpu()
 
 
 def _prepare(model: torch.nn.Module, device: torch.device | None) -> torch.device:
@@ -114,12 +124,40 @@ def embed_arrays(
     device: torch.device | None = None,
     flip: bool = False,
 ) -> np.ndarray:
-    """Embed preprocessed images (float [N,3,H,W] in [0,1]) -> float32 [N, D] L2-normalised."""
+    """Embed prepared crops (float [N,3,H,W] in [0,1], already at the model's size) -> float32 [N, D], L2-normalised.
+
+    For tensors made in memory (benchmarks, training batches); image files and decoded crops go
+    through ``embed_paths`` / ``embed_images``.
+    """
     device = _prepare(model, device)
     images = torch.as_tensor(images, dtype=torch.float32)
-    out = [_run(model, images[s : s + batch_size], device, flip).cpu() for s in range(0, len(images), batch_size)]
-    dim = getattr(model, "embed_dim", 0)
-    return torch.cat(out).numpy() if out else np.zeros((0, dim), np.float32)
+    with _mode(model, len(images)):
+        out = [_forward(model, images[s : s + batch_size].to(device), flip).cpu()
+               for s in range(0, len(images), batch_size)]
+    return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
+
+
+def embed_images(
+    model: torch.nn.Module,
+    images: Sequence[np.ndarray],
+    *,
+    batch_size: int = 32,
+    device: torch.device | None = None,
+    flip: bool = False,
+) -> np.ndarray:
+    """Embed decoded uint8 HxWx3 RGB images of any size -> float32 [N, D], L2-normalised.
+
+    The same resize, conversion and model call as ``embed_paths``: a query crop and the same crop
+    indexed from its file get the same embedding.
+    """
+    device = _prepare(model, device)
+    size = model_input_size(model)
+    out = []
+    with _mode(model, len(images)):
+        for s in range(0, len(images), batch_size):
+            batch = np.stack([resize_crop(img, size) for img in images[s : s + batch_size]])
+            out.append(_run(model, torch.from_numpy(batch), device, flip))
+    return torch.cat(out).numpy() if out else np.zeros((0, model.embed_dim), np.float32)
 
 
 def embed_paths(
@@ -155,22 +193,21 @@ def embed_paths(
     feats: list[np.ndarray] = []
     index: list[np.ndarray] = []
     failures: list[tuple[Path, str]] = []
-    for idx, batch, failed in loader:
-        batch_failures = [(paths[i], reason) for i, reason in failed]
-        for path, reason in batch_failures:
-            log.warning("skipped %s", reason)
-        failures.extend(batch_failures)
-        f = _run(model, batch, device, flip).cpu().numpy() if batch is not None else None
-        if f is not None:
-            feats.append(f)
-            index.append(idx.numpy())
-        if on_batch is not None:
-            dim = getattr(model, "embed_dim", 0)
-            on_batch([paths[i] for i in idx.tolist()], f if f is not None else np.zeros((0, dim), np.float32),
-                     batch_failures)
-        if progress is not None:
-            progress(len(idx) + len(failed))
-    dim = getattr(model, "embed_dim", 0)
+    dim = model.embed_dim
+    with _mode(model, len(paths)):
+        for idx, batch, failed in loader:
+            batch_failures = [(paths[i], reason) for i, reason in failed]
+            for _, reason in batch_failures:
+                log.warning("skipped %s", reason)
+            failures.extend(batch_failures)
+            f = _run(model, batch, device, flip).numpy() if batch is not None else np.zeros((0, dim), np.float32)
+            if len(f):
+                feats.append(f)
+                index.append(idx.numpy())
+            if on_batch is not None:
+                on_batch([paths[i] for i in idx.tolist()], f, batch_failures)
+            if progress is not None:
+                progress(len(idx) + len(failed))
     index_arr = np.concatenate(index) if index else np.zeros(0, np.int64)
     return EmbedResult(
         features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),

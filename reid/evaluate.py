@@ -198,7 +198,7 @@ def evaluate(
     """Evaluate a model on a dataset's standard protocol; see the module docstring for the flow."""
     from reid.datasets import PROTOCOL_CUHK03_CLASSIC
     from reid.metrics import AP_MODES
-    from reid.model import load_model, model_fingerprint
+    from reid.model.identity import ModelRef
     from reid.runtime import resolve_device
 
     if ap not in AP_MODES:
@@ -217,10 +217,8 @@ def evaluate(
     datasets = load_datasets(name, root, variant=variant, protocol=protocol, split=split)
     lap("load_s")
     dev = resolve_device(device)
-    source = str(weights) if weights is not None else ("pretrained" if model is None else "in-memory model")
-    if model is None:
-        model = load_model(weights)
-    fingerprint = model_fingerprint(model)
+    model, ref = ModelRef.load(weights) if model is None else (model, ModelRef.of(model))
+    fingerprint = ref.fingerprint
     lap("model_s")
     paths = [str(s.path) for _, d in datasets for s in (*d.query, *d.gallery)]
     table, cache = embed_files(model, paths, fingerprint=fingerprint, flip=flip, batch_size=batch_size,
@@ -246,7 +244,7 @@ def evaluate(
         "variant": first.info.get("variant"),
         "split": datasets[0][0] if len(datasets) == 1 else None,
         "fingerprint": fingerprint,
-        "weights": source,
+        "weights": ref.source,
         "flip": flip,
         "rerank": rerank,
         "ap": "standard" if classic else ap,

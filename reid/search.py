@@ -10,10 +10,10 @@ from typing import Sequence
 
 import numpy as np
 
-from reid.errors import CheckpointError, InputError, StoreError
-from reid.images import decode_image, parse_market_name, preprocess
+from reid.errors import InputError, StoreError
+from reid.images import decode_image, parse_market_name
+from reid.model.identity import ModelRef, load_built_with
 from reid.store import GalleryStore, Hit
-from reid.store.model_ref import fingerprint, load_model
 
 log = logging.getLogger(__name__)
 
@@ -107,18 +107,8 @@ class Searcher:
     def on(cls, store: GalleryStore, device) -> "Searcher":
         """A searcher over an open store with the model its vectors come from (StoreError if it is gone or changed)."""
         meta = store.meta
-        source = meta.get("model_source", "default")
-        try:
-            model = load_model(source, device)
-        except CheckpointError as e:
-            raise StoreError(f"index {store.root} was built with the model {source}, which cannot be loaded "
-                             f"now: {e}") from None
-        fp = fingerprint(model)
-        if fp != meta["fingerprint"]:
-            raise StoreError(
-                f"the model {source} (fingerprint {fp}) is not the one index {store.root} was built with "
-                f"({meta['fingerprint']}); rebuild it: `reid index GALLERY --index {store.root} --rebuild"
-                f"{'' if source == 'default' else ' --weights ' + source}`")
+        built_with = ModelRef(meta.get("model_source", "default"), meta["fingerprint"], int(meta["dim"]))
+        model, _ = load_built_with(built_with, str(store.root), device)
         return cls(store, model, next(model.parameters()).device)
 
     def close(self) -> None:
@@ -132,14 +122,10 @@ class Searcher:
         self.close()
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
-        """Embed decoded uint8 RGB images -> float32 [n, D], L2-normalised."""
-        from reid.embed import embed_arrays, model_input_size
+        """Embed decoded uint8 RGB images -> float32 [n, D], L2-normalised (the gallery's own embedding path)."""
+        from reid.embed import embed_images
 
-        size = model_input_size(self.model)
-        # The fused inference copy costs ~0.1 s to build; it pays off over a batch, not for a crop or two.
-        self.model.fuse_inference = len(images) >= 8
-        batch = np.stack([preprocess(img, size) for img in images])
-        return embed_arrays(self.model, batch, device=self.device)
+        return embed_images(self.model, images, device=self.device)
 
     def query(self, paths: Sequence[str | os.PathLike], *, top: int = 10, min_score: float | None = None,
               images: Sequence[np.ndarray] | None = None, fuse: bool = False,

@@ -16,7 +16,7 @@ import pytest
 from typer.testing import CliRunner
 
 import cli
-from reid.datasets.render import render_person
+from reid.synthetic.render import render_person
 from reid.model import ModelConfig, build_model, save_checkpoint
 from reid.store import VECTORS_NAME, GalleryStore, WriterLock
 
@@ -365,7 +365,7 @@ def test_query_refuses_a_checkpoint_that_changed_since_indexing(built, tmp_path,
     summary(index(tmp_path / "g", tmp_path / "idx2", moved))
     shutil.rmtree(moved)
     shutil.copytree(other_ckpt, moved)  # same path, other weights
-    one_line_error(run("query", files[0], "--index", tmp_path / "idx2"), "is not the one", "--rebuild")
+    one_line_error(run("query", files[0], "--index", tmp_path / "idx2"), "was built with the model", "--rebuild")
     shutil.rmtree(moved)
     one_line_error(run("query", files[0], "--index", tmp_path / "idx2"), "cannot be loaded")
 

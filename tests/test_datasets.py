@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from reid.datasets import DATASET_NAMES, DISTRACTOR_PID, JUNK_PID, Dataset, Sample, dataset_options, load
-from reid.datasets.synthetic import (
+from reid.synthetic import (
     market1501_dataset,
     plan_market1501,
     write_cuhk03_np,

@@ -13,7 +13,7 @@ import scipy.io
 
 import reid.datasets.cuhk03_extract as extract
 from reid.datasets import PROTOCOL_CUHK03_CLASSIC, load
-from reid.datasets.synthetic import write_cuhk03
+from reid.synthetic import write_cuhk03
 from reid.errors import DatasetError, InputError
 from reid.images import decode_image
 

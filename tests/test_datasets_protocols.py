@@ -9,7 +9,7 @@ import pytest
 import scipy.io
 
 from reid.datasets import load
-from reid.datasets.synthetic import market1501_dataset, write_market1501
+from reid.synthetic import market1501_dataset, write_market1501
 
 PROTOCOLS = Path(__file__).parent / "data" / "protocols" / "Market-1501"
 

@@ -10,6 +10,7 @@ class PoolNet(torch.nn.Module):
     """A tiny stand-in embedder: per-channel means of a 2x2 pooled grid, L2-normalised."""
 
     embed_dim = 12
+    input_size = (256, 128)
 
     def forward(self, x):
         f = torch.nn.functional.adaptive_avg_pool2d(x, (2, 2)).flatten(1)
@@ -89,6 +90,7 @@ def test_workers_do_not_deadlock_after_parent_used_opencv_threads(tmp_path):
         cv2.resize(np.zeros((2000, 2000, 3), np.uint8), (1000, 1000))  # spins up OpenCV's pool
         class M(torch.nn.Module):
             embed_dim = 3
+            input_size = (256, 128)
             def forward(self, x):
                 return torch.nn.functional.normalize(x.mean((2, 3)), dim=1)
         print(embed_paths(M(), paths, workers=2, batch_size=2).features.shape)
@@ -97,3 +99,32 @@ def test_workers_do_not_deadlock_after_parent_used_opencv_threads(tmp_path):
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "(6, 3)"
+
+
+def test_cpu_and_torch_conversions_give_the_model_the_same_numbers():
+    from reid.embed import to_model_input
+    from reid.images import to_unit_float
+
+    img = np.random.default_rng(3).integers(0, 256, (16, 8, 3), dtype=np.uint8)
+    img[0, 0] = [0, 128, 255]
+    got = to_model_input(torch.from_numpy(img)[None])[0].numpy()
+    assert np.array_equal(got, to_unit_float(img))
+
+
+def test_a_query_finds_its_own_indexed_file(tmp_path):
+    """Gallery files and query crops go through one embedding path (with the real default network: the
+    index embeds a batch through the fused copy, the one-crop query through the trained layers)."""
+    from reid.search import query_images
+    from reid.store.ingest import build_index
+    from reid.synthetic import render_person
+
+    gallery = tmp_path / "g"
+    gallery.mkdir()
+    for i in range(9):
+        cv2.imwrite(str(gallery / f"{i + 1:04d}_c1s1_000001_01.jpg"),
+                    render_person(i % 4 + 1, 1, np.random.default_rng(i), (160, 64))[..., ::-1])
+    build_index(gallery, tmp_path / "idx", device="cpu")
+    probe = sorted(gallery.iterdir())[4]
+    [result] = query_images([probe], tmp_path / "idx", top=1, device="cpu")
+    assert result.matches[0].path == str(probe)
+    assert result.matches[0].score >= 0.99999

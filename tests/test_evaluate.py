@@ -11,8 +11,8 @@ from cli import app
 from reid import feature_cache as fc
 from reid import viz
 from reid.datasets import load
-from reid.datasets.synthetic import write_cuhk03_np, write_market1501
-from reid.datasets.synthetic_cuhk03 import write_cuhk03
+from reid.synthetic import write_cuhk03_np, write_market1501
+from reid.synthetic.cuhk03 import write_cuhk03
 from reid.errors import DatasetError
 from reid.metrics import evaluate_cuhk03_classic, evaluate_ranking
 from reid.model import ModelConfig, build_model, save_checkpoint

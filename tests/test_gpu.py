@@ -25,7 +25,7 @@ TINY = dict(input_size=(64, 32), output_stride=32, c_a=4, c_b=4, d_x=16, d_h=8, 
 
 def crops(n: int, size: tuple[int, int] = (256, 128)) -> np.ndarray:
     """n synthetic pedestrians (3 identities, several cameras) as float [n,3,H,W] in [0,1]."""
-    from reid.datasets.render import render_person
+    from reid.synthetic.render import render_person
     from reid.images import preprocess
 
     return np.stack([preprocess(render_person(i % 3 + 1, i % 4 + 1, np.random.default_rng(i), (128, 64)), size)
@@ -69,7 +69,7 @@ def test_embed_paths_decodes_in_workers_into_pinned_memory(tmp_path):
 @pytest.mark.parametrize("precision", ["bf16", "fp16"])
 def test_amp_training_runs_saves_and_resumes(tmp_path, precision):
     from reid.datasets import load
-    from reid.datasets.synthetic import write_market1501
+    from reid.synthetic import write_market1501
     from reid.model import ModelConfig, load_checkpoint
     from reid.train import TrainConfig, train
 
@@ -111,7 +111,7 @@ def test_index_and_query_on_the_device(tmp_path):
 
 
 def test_evaluation_scores_as_on_the_cpu(tmp_path):
-    from reid.datasets.synthetic import write_market1501
+    from reid.synthetic import write_market1501
     from reid.evaluate import evaluate
     from reid.model import ModelConfig, build_model
 

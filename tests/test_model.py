@@ -284,11 +284,10 @@ def test_network_ignores_a_callers_autocast_unless_allowed():
         assert emb.dtype == torch.float32 and out.features.dtype == torch.float32
         assert torch.equal(emb, ref)  # bf16 would change the embeddings (see bench_model.py)
         assert torch.allclose(out.attention.sum(dim=(2, 3)), torch.ones(2, 3), atol=1e-5)
-        model.allow_autocast = True
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast("cpu", dtype=torch.bfloat16), model.run_mode(streams_autocast=True):
             low = model(x)
         assert low.dtype == torch.float32 and not torch.equal(low, ref)
-    assert model.cpu_inference_dtype is None
+        assert torch.equal(model(x), ref)  # the mode ended with its block
 
 
 def test_head_is_cheap_relative_to_streams():
@@ -296,9 +295,9 @@ def test_head_is_cheap_relative_to_streams():
     from torch.utils.flop_counter import FlopCounterMode
 
     model = build_model(pretrained=False)
-    model.fuse_inference = False  # FlopCounterMode sees aten convs only
+    model.eval()
     x = torch.rand(1, 3, 256, 128)
-    with torch.inference_mode():
+    with torch.inference_mode(), model.run_mode(fused=False):  # FlopCounterMode sees aten convs only
         with FlopCounterMode(display=False) as streams:
             model.stream_a(x), model.stream_b(x)
         with FlopCounterMode(display=False) as total:

@@ -244,12 +244,9 @@ def test_fused_inference_equals_the_trained_layers_for_paper_streams(paper_model
     with torch.no_grad():
         fused = paper_model(x)
         fused_a, fused_b, _ = paper_model._front()
-        paper_model.fuse_inference = False
-        try:
+        with paper_model.run_mode(fused=False):
             plain = paper_model(x)
             ref_a, ref_b = paper_model.stream_a(x), paper_model.stream_b(x)
-        finally:
-            paper_model.fuse_inference = True
         assert fused_b is not paper_model.stream_b
         assert not any(isinstance(m, nn.BatchNorm2d) for m in fused_b.modules())  # every BN folded
         # Bottleneck calls its one ReLU three times: it must stay a ReLU, not be fused into conv3

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from reid.datasets import load
-from reid.datasets.render import camera_of, identity_of, render_junk, render_person
-from reid.datasets.synthetic import write_cuhk03_np, write_market1501
+from reid.synthetic.render import camera_of, identity_of, render_junk, render_person
+from reid.synthetic import write_cuhk03_np, write_market1501
 
 
 def _digest(folder: Path) -> dict[str, str]:

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from reid.datasets.synthetic import write_market1501
+from reid.synthetic import write_market1501
 
 runner = CliRunner()
 

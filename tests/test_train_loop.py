@@ -19,7 +19,7 @@ TINY_MODEL = dict(input_size=(64, 32), d_x=32, d_h=16, d_att=16, embed_dim=32)
 def _write_tiny(root: Path, seed: int = 0, num_train_ids: int = 8):
     """A small synthetic Market-1501 (8 train / 6 test identities, 2 cameras, 64x32 crops), loaded."""
     from reid.datasets import load
-    from reid.datasets.synthetic import write_market1501
+    from reid.synthetic import write_market1501
 
     write_market1501(root, num_train_ids=num_train_ids, num_test_ids=6, num_distractors=2, num_junk=1, cameras=2,
                      images_per_cam=2, seed=seed, size=(64, 32))
@@ -101,7 +101,7 @@ def test_errors_for_existing_run_missing_run_and_other_data(tmp_path):
 @pytest.mark.slow
 def test_short_training_lowers_loss_and_raises_map(tmp_path):
     from reid.datasets import load
-    from reid.datasets.synthetic import write_market1501
+    from reid.synthetic import write_market1501
     from reid.model import ModelConfig, build_model
     from reid.train.validate import evaluate_model
 

@@ -142,17 +142,33 @@ class AttentionBilinearNet(nn.Module):
         self.bnneck.bias.requires_grad_(False)  # BNNeck: no shift, so the BN output stays centred
         self.classifier = nn.Linear(config.embed_dim, config.num_classes, bias=False) if config.num_classes else None
         self.channels_last = True
-        self.fuse_inference = True  # at inference, run the CNN layers from a fused copy (never saved)
-        # Reduced precision changes the embeddings too much with these weights (measured by
-        # benchmarks/bench_model.py against fp32: bf16 cosine >= 0.86 only, fp16 >= 0.996, rankings
-        # change), so the network runs in float32 even under a caller's autocast unless this is set.
-        self.allow_autocast = False
-        self.cpu_inference_dtype = None  # read by reid.embed: no reduced precision on CPU
+        # Modes, changed only through ``run_mode``: at inference the CNN layers run from a fused copy
+        # (never saved); and reduced precision changes the embeddings too much with these weights
+        # (benchmarks/bench_model.py against fp32: bf16 cosine >= 0.86 only, fp16 >= 0.996, rankings
+        # change), so the streams run in float32 even under a caller's autocast unless training asks.
+        self._fused = True
+        self._streams_autocast = False
         self.__dict__["_folded"] = None  # (signature, folded front); kept out of the module tree
+
+    @contextlib.contextmanager
+    def run_mode(self, *, fused: bool | None = None, streams_autocast: bool | None = None) -> Iterator[None]:
+        """Within the block: ``fused`` - inference through the BN-folded, ReLU-fused copy of the CNN
+        layers (default on; it costs ~0.1 s to build, worth it over a batch, not for a crop or two);
+        ``streams_autocast`` - let a caller's autocast reach the streams (mixed-precision training).
+        ``None`` leaves a mode as it is; both are restored on exit."""
+        saved = self._fused, self._streams_autocast
+        if fused is not None:
+            self._fused = bool(fused)
+        if streams_autocast is not None:
+            self._streams_autocast = bool(streams_autocast)
+        try:
+            yield
+        finally:
+            self._fused, self._streams_autocast = saved
 
     def _front(self) -> tuple[nn.Module, nn.Module, nn.Module]:
         """(stream_a, stream_b, bilinear): the trained modules, or their fused copy (reid.model.fusion) at inference."""
-        if self.training or torch.is_grad_enabled() or not self.fuse_inference:
+        if self.training or torch.is_grad_enabled() or not self._fused:
             return self.stream_a, self.stream_b, self.bilinear
         front = nn.ModuleDict({"a": self.stream_a, "b": self.stream_b, "bilinear": self.bilinear})
         sig = tensor_signature(front)
@@ -169,6 +185,11 @@ class AttentionBilinearNet(nn.Module):
     def embed_dim(self) -> int:
         """D, the length of an embedding."""
         return self.config.embed_dim
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        """(H, W) of the crops the network embeds (``reid.embed`` resizes to it)."""
+        return tuple(self.config.input_size)
 
     def init_head(self, generator: torch.Generator) -> None:
         """Initialise everything after the streams from a seeded generator (same weights in every process)."""
@@ -216,7 +237,7 @@ class AttentionBilinearNet(nn.Module):
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         stream_a, stream_b, bilinear = self._front()
-        with contextlib.nullcontext() if self.allow_autocast else torch.autocast(x.device.type, enabled=False):
+        with contextlib.nullcontext() if self._streams_autocast else torch.autocast(x.device.type, enabled=False):
             local = bilinear(stream_a(x), stream_b(x)).float()  # [B,Gh,Gw,d_x]
         b, gh, gw, _ = local.shape
         # The recurrent head always runs in float32 (a small part of the cost).

@@ -18,11 +18,11 @@ def count_flops(model: AttentionBilinearNet, input_size: tuple[int, int] | None 
     h, w = input_size or model.config.input_size
     device = next(model.parameters()).device
     x = torch.rand(1, 3, h, w, device=device)
-    was_training, fuse = model.training, model.fuse_inference
+    was_training = model.training
     model.eval()
-    model.fuse_inference = False  # count the trained layers: FlopCounterMode cannot see oneDNN's fused convs
+    # Count the trained layers: FlopCounterMode cannot see oneDNN's fused convs.
     try:
-        with torch.inference_mode():
+        with torch.inference_mode(), model.run_mode(fused=False):
             with FlopCounterMode(display=False) as streams:
                 model.stream_a(x)
                 model.stream_b(x)
@@ -30,7 +30,6 @@ def count_flops(model: AttentionBilinearNet, input_size: tuple[int, int] | None 
                 model(x)
     finally:
         model.train(was_training)
-        model.fuse_inference = fuse
     s, t = streams.get_total_flops(), total.get_total_flops()
     return {"streams": int(s), "head": int(t - s), "total": int(t)}
 

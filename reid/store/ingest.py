@@ -21,7 +21,7 @@ import numpy as np
 from reid.images import find_images, parse_market_name
 from reid.store.catalogue import FileState, Record
 from reid.store.gallery import GalleryStore
-from reid.store.model_ref import fingerprint, load_model, model_source
+from reid.model.identity import DEFAULT_SOURCE, ModelRef, model_source
 
 log = logging.getLogger(__name__)
 
@@ -177,9 +177,8 @@ def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights
     find_images(root)  # fail fast on a missing gallery, before creating anything
     dev = resolve_device(device)
     with GalleryStore.open(index, write=True, wait=wait) as store:
-        source = model_source(weights) if weights is not None else store.meta.get("model_source", "default")
-        model = load_model(source, dev)
-        store.bind_model(fingerprint=fingerprint(model), source=source, dim=int(model.embed_dim), kind=kind,
-                         rebuild=rebuild)
+        source = model_source(weights) if weights is not None else store.meta.get("model_source", DEFAULT_SOURCE)
+        model, ref = ModelRef.load(source, dev)
+        store.bind_model(fingerprint=ref.fingerprint, source=ref.source, dim=ref.dim, kind=kind, rebuild=rebuild)
         return index_folder(store, model, root, batch_size=batch_size, workers=workers, device=dev,
                             prune=prune, progress=progress)

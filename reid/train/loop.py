@@ -316,37 +316,36 @@ def _train_epoch(model, loader, sampler, optimizer, scaler, config, weights, dev
     sampler.set_epoch(epoch)
     model.train()
     # The streams run in fp32 under autocast unless allowed: inference must match fp32 embeddings, but
-    # training them in mixed precision (AMP on CUDA) is fine. Reset below, before any evaluation.
-    model.allow_autocast = precision != "fp32"
-    _set_backbone_frozen(model, epoch < config.freeze_backbone_epochs)
-    steps, sums, n_images = len(sampler), {}, 0
-    for step, batch in enumerate(loader):
-        batch = check_batch(batch)
-        factor = _lr_at(config, epoch + step / steps)
-        for group in optimizer.param_groups:
-            group["lr"] = group["base_lr"] * factor
-        x = batch.images.to(dev, non_blocking=True)
-        y = batch.labels.to(dev, non_blocking=True)
-        with _autocast(dev, precision):
-            output = model.forward_train(x)
-        loss, parts = reid_loss(output.features, output.logits, output.attention, y, weights)
-        if not math.isfinite(parts["loss"]):
-            raise InputError(f"the loss became {parts['loss']} at epoch {epoch + 1}; lower --lr")
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        n_images += len(y)
-        for k, v in parts.items():
-            sums[k] = sums.get(k, 0.0) + v
-        dt = time.perf_counter() - t_epoch
-        emit("step", {"epoch": epoch + 1, "step": step + 1, "steps": steps, "lr": optimizer.param_groups[-1]["lr"],
-                      "images_per_s": n_images / max(dt, 1e-9), **parts})
-    model.allow_autocast = False
+    # training them in mixed precision (AMP on CUDA) is fine; the mode ends with the epoch, before any evaluation.
+    with model.run_mode(streams_autocast=precision != "fp32"):
+        _set_backbone_frozen(model, epoch < config.freeze_backbone_epochs)
+        steps, sums, n_images = len(sampler), {}, 0
+        for step, batch in enumerate(loader):
+            batch = check_batch(batch)
+            factor = _lr_at(config, epoch + step / steps)
+            for group in optimizer.param_groups:
+                group["lr"] = group["base_lr"] * factor
+            x = batch.images.to(dev, non_blocking=True)
+            y = batch.labels.to(dev, non_blocking=True)
+            with _autocast(dev, precision):
+                output = model.forward_train(x)
+            loss, parts = reid_loss(output.features, output.logits, output.attention, y, weights)
+            if not math.isfinite(parts["loss"]):
+                raise InputError(f"the loss became {parts['loss']} at epoch {epoch + 1}; lower --lr")
+            optimizer.zero_grad(set_to_none=True)
+            if scaler is not None:
+                scaler.scale(loss).backward()
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                loss.backward()
+                optimizer.step()
+            n_images += len(y)
+            for k, v in parts.items():
+                sums[k] = sums.get(k, 0.0) + v
+            dt = time.perf_counter() - t_epoch
+            emit("step", {"epoch": epoch + 1, "step": step + 1, "steps": steps, "lr": optimizer.param_groups[-1]["lr"],
+                          "images_per_s": n_images / max(dt, 1e-9), **parts})
     train_s = time.perf_counter() - t_epoch
     return {
         "epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "images": n_images,

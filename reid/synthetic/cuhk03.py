@@ -18,7 +18,7 @@ import scipy.io
 
 from reid.datasets.cuhk03_extract import image_name
 from reid.datasets.matlab import write_mat73
-from reid.datasets.render import render_person
+from reid.synthetic.render import render_person
 from reid.errors import InputError
 
 log = logging.getLogger(__name__)

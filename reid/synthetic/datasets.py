@@ -19,26 +19,13 @@ import scipy.io
 
 from reid.datasets.base import Dataset, samples_from_paths
 from reid.datasets.market1501 import CUHK03_NP_DIR, DUKE_DIR, MARKET_DIR
-from reid.datasets.render import render_junk, render_person
-from reid.datasets.synthetic_cuhk03 import write_cuhk03
+from reid.synthetic.render import render_junk, render_person
 from reid.errors import InputError
 
 log = logging.getLogger(__name__)
 
-__all__ = [
-    "PlannedImage",
-    "market1501_dataset",
-    "plan_market1501",
-    "render_person",
-    "write_cuhk03",
-    "write_cuhk03_np",
-    "write_dukemtmcreid",
-    "write_folder",
-    "write_images",
-    "write_market1501",
-]
 
-PROTOCOL_DIR = Path(__file__).parent / "protocols" / "market1501"
+PROTOCOL_DIR = Path(__file__).parent.parent / "datasets" / "protocols" / "market1501"
 CONTENTS = ("image", "empty")
 _MARKET_FOLDERS = {"train": "bounding_box_train", "query": "query", "gallery": "bounding_box_test"}
 
