@@ -46,6 +46,13 @@ class DeviceName(str, Enum):
 _read_only_done = False
 
 
+# Library messages name their parameters in backticks; the CLI says which option sets each.
+_OPTIONS = {
+    "`stream_weights['a']`": "--stream-a-weights", "`stream_weights['b']`": "--stream-b-weights",
+    "`pretrained=False`": "--no-pretrained", "`weights`": "--weights", "`device`": "--device",
+}
+
+
 def _message(e: Exception) -> str:
     """A library error in the CLI's words: what is wrong, then which option fixes it."""
     from reid.errors import ModelMismatchError
@@ -55,7 +62,10 @@ def _message(e: Exception) -> str:
         ours = "" if e.given.is_default else f" --weights {e.given.source}"
         return (f"{e}; use{theirs or ' the default model (drop --weights)'} for its model, or re-embed the gallery: "
                 f"`reid index GALLERY --index {e.gallery} --rebuild{ours}`")
-    return str(e)
+    text = str(e)
+    for name, option in _OPTIONS.items():
+        text = text.replace(name, option)
+    return text
 
 
 def command(*args, read_only: bool = False, **kwargs):

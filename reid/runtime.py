@@ -19,7 +19,7 @@ def resolve_device(name: str = "auto"):
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     if name.startswith("cuda") and not torch.cuda.is_available():
-        raise InputError("--device cuda was asked for but no CUDA device is available; use --device cpu")
+        raise InputError("`device` cuda was asked for but no CUDA device is available; use the CPU")
     if name != "cpu" and not name.startswith("cuda"):
         raise InputError(f"unknown device {name!r}; expected one of: auto, cpu, cuda")
     prepare_torch()

@@ -187,9 +187,9 @@ def test_bad_weight_files_are_one_line_checkpoint_errors(resnet_file, vgg_file, 
 
 
 def test_file_streams_need_a_file_when_pretrained():
-    with pytest.raises(CheckpointError, match=r"stream a \(resnet50\).*nothing is downloaded.*--stream-a-weights"):
+    with pytest.raises(CheckpointError, match=r"stream a \(resnet50\).*nothing is downloaded.*`stream_weights\['a'\]`"):
         build_model(ModelConfig(stream_a="resnet50", **SMALL))
-    with pytest.raises(CheckpointError, match=r"--stream-b-weights PATH.*vgg16-397923af\.pth.*--no-pretrained"):
+    with pytest.raises(CheckpointError, match=r"`stream_weights\['b'\]` PATH.*vgg16-397923af\.pth.*`pretrained=False`"):
         build_model(ModelConfig(stream_b="vgg16", **SMALL), stream_weights={"a": None})
 
 

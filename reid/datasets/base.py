@@ -78,11 +78,6 @@ class Dataset:
         """Distinct identities in the gallery, distractors (id 0) counted as one."""
         return _count_pids(self.gallery)
 
-    @property
-    def num_train_cams(self) -> int:
-        """Distinct cameras in the training split."""
-        return len({s.camid for s in self.train})
-
     def describe(self) -> list[dict]:
         """One row per split (images, identities, cameras, distractors): the summary the CLI prints."""
         rows = []

@@ -168,6 +168,6 @@ def load_model(weights: str | os.PathLike | None = None, *, config: ModelConfig 
     if weights is None or str(weights) == "default":
         return build_model(config, pretrained=pretrained, stream_weights=stream_weights)
     if config is not None or not pretrained or any(v is not None for v in (stream_weights or {}).values()):
-        raise InputError("a checkpoint (--weights) carries its own model config and weights; "
-                         "drop the stream options, or --weights to describe a new model")
+        raise InputError("a checkpoint (`weights`) carries its own model config and weights; give either a "
+                         "checkpoint or a description of a new model (config, streams, `pretrained=False`), not both")
     return load_checkpoint(weights)

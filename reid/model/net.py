@@ -279,22 +279,22 @@ def _check_stream(role: str, name: str, *, pretrained: bool, weights: str | os.P
     """Refuse a weights file for a packaged stream or an untrained model, and a file stream without one."""
     if name in PACKAGED_STREAMS:
         if weights is not None:
-            raise InputError(f"--stream-{role}-weights applies to {' / '.join(FILE_STREAMS)} streams only; stream "
+            raise InputError(f"`stream_weights['{role}']` applies to {' / '.join(FILE_STREAMS)} streams only; stream "
                              f"{role} is {name}, whose ImageNet weights are packaged")
         return
     if name not in FILE_STREAMS:
         raise ValueError(f"unknown stream {name!r}; expected one of: {', '.join(STREAMS)}")
     files = VGG16_FILES if name == "vgg16" else RESNET50_FILES
     if not pretrained and weights is not None:
-        raise InputError(f"--stream-{role}-weights was given for an untrained model (--no-pretrained); "
+        raise InputError(f"`stream_weights['{role}']` was given for an untrained model (`pretrained=False`); "
                          f"drop one of the two")
     if weights is not None:
         require_weights_file(weights, name, files)
     if pretrained and weights is None:
         raise CheckpointError(
-            f"stream {role} ({name}) has no packaged weights and nothing is downloaded: pass its ImageNet "
-            f"weights as a local file with --stream-{role}-weights PATH (stream_weights={{'{role}': PATH}} in "
-            f"Python), e.g. torchvision's {' or '.join(files)}, or build it untrained with --no-pretrained"
+            f"stream {role} ({name}) has no packaged weights and nothing is downloaded: give its ImageNet "
+            f"weights as a local file, `stream_weights['{role}']` PATH, e.g. torchvision's {' or '.join(files)}, "
+            f"or build it untrained, `pretrained=False`"
         )
 
 
