@@ -1,0 +1,195 @@
+"""Re-id quality on real pedestrians: the vtest.avi tracklets, the shipped model against training-free baselines.
+
+DESIGN "Quality": no labeled real re-id data can be had here, so quality is measured on real tracklets
+from OpenCV's ``vtest.avi`` (``benchmarks/vtest_tracklets.py``: query = an early segment of each track,
+gallery = a later one, after a gap; short tracks are distractors). Evaluation data only: nothing is ever
+trained or tuned on it. Every row is measured in the same run on the same crops:
+
+  hsv histogram     per horizontal stripe joint HSV histograms, sqrt-normalised (Hellinger)
+  stream A pooled   the model's own MobileNetV2 stream (ImageNet), average-pooled local features
+  streams A+B       both streams average-pooled, each L2-normalised, concatenated
+  default model     ``reid.model.build_model()`` embeddings through ``reid.embed.embed_paths``
+
+Two protocols, one table: (A) each query track against its own later crops and those of every track on
+screen at the same time: those are certainly other people, so the labels are clean; (B) every query
+against the gallery crops of all identities (no distractor tracks), Market-style, where some "negatives"
+are the same person walking past again (vtest.avi has a small cast who cross the plaza repeatedly),
+which caps every method's score and punishes the better ones most.
+
+Each baseline is a plain function ``(list of uint8 RGB crops) -> float32 [N, D]`` L2-normalised rows, so
+more rows (trained checkpoints, ``reid adapt``) can be added to ``rows()``. Metrics: Market-1501 protocol
+(``reid.evaluation.evaluate_features``; query camera 1, gallery camera 2, distractors identity 0).
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_quality.py [--data DIR] [--stride N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Sequence
+
+import cv2
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from vtest_tracklets import DEFAULT_DATA, TrackletSet, build_tracklets  # noqa: E402
+
+from reid.images import decode_image, resize_crop  # noqa: E402
+try:  # the layout of "One room per job"; reid.metrics before it
+    from reid.evaluation import evaluate_features  # noqa: E402
+except ImportError:  # pragma: no cover
+    from reid.metrics import evaluate_features  # noqa: E402
+
+INPUT_SIZE = (256, 128)
+Features = Callable[[Sequence[np.ndarray]], np.ndarray]
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def hsv_histogram(crops: Sequence[np.ndarray], stripes: int = 6, bins: tuple[int, int, int] = (8, 4, 4)) -> np.ndarray:
+    """Joint HSV histograms of ``stripes`` horizontal stripes of each crop (at 256x128), each stripe
+    L1-normalised, square-rooted (Hellinger), all concatenated and L2-normalised."""
+    out = []
+    for crop in crops:
+        hsv = cv2.cvtColor(resize_crop(crop, INPUT_SIZE), cv2.COLOR_RGB2HSV)  # H in [0, 180)
+        feats = []
+        for band in np.array_split(hsv, stripes, axis=0):
+            h = cv2.calcHist([np.ascontiguousarray(band)], [0, 1, 2], None, list(bins), [0, 180, 0, 256, 0, 256])
+            h = h.ravel() / max(1.0, float(h.sum()))
+            feats.append(np.sqrt(h))
+        out.append(np.concatenate(feats))
+    return _unit(np.stack(out)) if out else np.zeros((0, stripes * int(np.prod(bins))), np.float32)
+
+
+def _batches(crops: Sequence[np.ndarray], batch_size: int = 32):
+    """Float [B,3,256,128] RGB in [0, 1] batches of the crops, resized as ``reid.embed`` resizes them."""
+    for s in range(0, len(crops), batch_size):
+        x = np.stack([resize_crop(c, INPUT_SIZE) for c in crops[s : s + batch_size]])
+        yield torch.from_numpy(x).permute(0, 3, 1, 2).float().div_(255.0)
+
+
+@torch.inference_mode()
+def pooled_streams(model: torch.nn.Module, crops: Sequence[np.ndarray], streams: str = "a") -> np.ndarray:
+    """Average-pooled local features of the model's stream A (``"a"``) or of both (``"ab"``: each pool
+    L2-normalised, then concatenated), L2-normalised."""
+    model.eval()
+    out = []
+    for x in _batches(crops):
+        parts = [torch.nn.functional.normalize(getattr(model, f"stream_{s}")(x).mean(dim=(2, 3)), dim=1)
+                 for s in streams]
+        out.append(torch.cat(parts, dim=1).numpy())
+    return _unit(np.concatenate(out))
+
+
+def default_model_paths(model: torch.nn.Module, paths: Sequence[Path]) -> np.ndarray:
+    """The shipped path: ``reid.embed.embed_paths`` (decode, resize, embed) on the crop files."""
+    from reid.embed import embed_paths
+
+    res = embed_paths(model, paths, batch_size=32)
+    if res.failures:
+        raise RuntimeError(f"{len(res.failures)} crops failed to decode, e.g. {res.failures[0]}")
+    return res.features
+
+
+def rows(model: torch.nn.Module) -> list[tuple[str, Features | None]]:
+    """(name, features of crops) for each row; None: the default model, embedded from the files."""
+    return [
+        ("hsv histogram (6 stripes, 8x4x4)", hsv_histogram),
+        ("stream A pooled (MobileNetV2)", lambda crops: pooled_streams(model, crops, "a")),
+        ("streams A+B pooled", lambda crops: pooled_streams(model, crops, "ab")),
+        ("default model (build_model)", None),
+    ]
+
+
+def evaluate_cooccurring(qf: np.ndarray, gf: np.ndarray, ts: TrackletSet, max_rank: int = 10) -> dict:
+    """Each query track against its own gallery crops and those of the tracks on screen with it (certain
+    negatives, ``TrackletSet.cooccurring``); mAP / CMC over all queries."""
+    (q_pids, q_cams), (g_pids, g_cams) = ts.labels("query"), ts.labels("gallery")
+    aps, firsts, sizes = [], [], []
+    for qi, gi in ts.cooccurring():
+        r = evaluate_features(qf[qi], gf[gi], q_pids[qi], g_pids[gi], q_cams[qi], g_cams[gi], max_rank=max_rank)
+        ok = r.query_first_rank >= 0
+        aps.append(r.query_ap[ok])
+        firsts.append(r.query_first_rank[ok])
+        sizes.append(len(gi))
+    ap, first = np.concatenate(aps), np.concatenate(firsts)
+    return {"mAP": float(ap.mean()), "rank1": float((first < 1).mean()), "rank5": float((first < 5).mean()),
+            "valid": int(len(ap)), "gallery": float(np.mean(sizes))}
+
+
+def evaluate_all(qf: np.ndarray, gf: np.ndarray, ts: TrackletSet, max_rank: int = 10) -> dict:
+    """Every query against the gallery crops of all identities (distractor tracks left out): every other
+    track is a negative, although some are the same person at another time (noisy labels; kept for
+    comparison with figures measured this way)."""
+    (q_pids, q_cams), (g_pids, g_cams) = ts.labels("query"), ts.labels("gallery")
+    keep = g_pids > 0
+    r = evaluate_features(qf, gf[keep], q_pids, g_pids[keep], q_cams, g_cams[keep], max_rank=max_rank)
+    return {"mAP": r.mAP, "rank1": r.rank(1), "rank5": r.rank(5), "valid": r.num_valid_queries,
+            "gallery": float(keep.sum())}
+
+
+def evaluate(ts: TrackletSet, model: torch.nn.Module) -> list[dict]:
+    """Features of every row on the same crops, scored under both protocols."""
+    q_paths, g_paths = ts.paths("query"), ts.paths("gallery")
+    q_crops = [decode_image(p) for p in q_paths]
+    g_crops = [decode_image(p) for p in g_paths]
+    results = []
+    for name, fn in rows(model):
+        t = time.perf_counter()
+        if fn is None:
+            qf, gf = default_model_paths(model, q_paths), default_model_paths(model, g_paths)
+        else:
+            qf, gf = fn(q_crops), fn(g_crops)
+        spent = time.perf_counter() - t
+        results.append({"name": name, "dim": qf.shape[1], "s": spent,
+                        "co": evaluate_cooccurring(qf, gf, ts), "all": evaluate_all(qf, gf, ts)})
+    return results
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--data", default=str(DEFAULT_DATA), help="vtest data folder (default %(default)s)")
+    parser.add_argument("--stride", type=int, default=1, help="detector on every N-th frame (default 1)")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(2)
+    torch.set_flush_denormal(True)
+    cv2.setNumThreads(2)
+
+    t0 = time.perf_counter()
+    ts = build_tracklets(args.data, stride=args.stride)
+    s = ts.stats
+    t_data = time.perf_counter() - t0
+    from reid.model import build_model
+
+    model = build_model()
+    n_ids = len(set(ts.labels("query")[0].tolist()))
+    n_distractors = int((ts.labels("gallery")[0] == 0).sum())
+    print(f"vtest.avi tracklets ({ts.root}): {n_ids} identities, {len(ts.query)} queries, {len(ts.gallery)} gallery "
+          f"crops ({n_distractors} from {s['distractor_tracks']} distractor tracklets); detector "
+          f"{s['detector_ms_per_frame']} ms/frame over {s['frames_detected']} frames; data ready in {t_data:.1f} s "
+          f"(first build {s['build_s']} s)")
+    results = evaluate(ts, model)
+    co, al = results[0]["co"], results[0]["all"]
+    print(f"\nA: each query track against the tracks on screen with it (certain negatives; {co['valid']} queries, "
+          f"{co['gallery']:.0f} gallery crops each on average)\nB: against the gallery crops of all identities "
+          f"({al['valid']} queries, {al['gallery']:.0f} crops, no distractors; other tracks may be the same person at "
+          f"another time)\n")
+    print(f"{'method':34s} {'dim':>4s} | {'A mAP':>6s} {'rank-1':>6s} {'rank-5':>6s} | {'B mAP':>6s} {'rank-1':>6s} "
+          f"{'rank-5':>6s} | {'time s':>6s}")
+    for r in results:
+        a, b = r["co"], r["all"]
+        print(f"{r['name']:34s} {r['dim']:4d} | {a['mAP']:6.3f} {a['rank1']:6.3f} {a['rank5']:6.3f} | "
+              f"{b['mAP']:6.3f} {b['rank1']:6.3f} {b['rank5']:6.3f} | {r['s']:6.1f}")
+    print(f"\ntotal {time.perf_counter() - t0:.1f} s")
+
+
+if __name__ == "__main__":
+    main()
