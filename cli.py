@@ -50,18 +50,31 @@ _read_only_done = False
 _OPTIONS = {
     "`stream_weights['a']`": "--stream-a-weights", "`stream_weights['b']`": "--stream-b-weights",
     "`pretrained=False`": "--no-pretrained", "`weights`": "--weights", "`device`": "--device",
+    "`top`": "--top", "`other_cameras`": "--other-cameras",
+    # evaluate and train
+    "`ap`": "--ap", "`seed`": "--seed", "`batch_size`": "--batch-size", "`workers`": "--workers",
+    "`resume=True`": "--resume", "`out`": "--out", "`epochs`": "--epochs", "`lr`": "--lr",
+    "`batch_p`": "--batch-p", "`batch_k`": "--batch-k", "`schedule`": "--schedule", "`precision`": "--precision",
+    "`eval_every=0`": "--eval-every 0", "`eval_every`": "--eval-every",
+    "`model_config`": "--input-size / --stream-a / --stream-b",
 }
 
 
 def _message(e: Exception) -> str:
     """A library error in the CLI's words: what is wrong, then which option fixes it."""
-    from reid.errors import ModelMismatchError
+    from reid.errors import EmptyGalleryError, GalleryBusyError, GalleryNotFoundError, ModelMismatchError
 
     if isinstance(e, ModelMismatchError):
         theirs = "" if e.built_with.is_default else f" --weights {e.built_with.source}"
         ours = "" if e.given.is_default else f" --weights {e.given.source}"
         return (f"{e}; use{theirs or ' the default model (drop --weights)'} for its model, or re-embed the gallery: "
                 f"`reid index GALLERY --index {e.gallery} --rebuild{ours}`")
+    if isinstance(e, GalleryNotFoundError):
+        return f"{e}; build one with `reid index GALLERY --index {e.location}`"
+    if isinstance(e, EmptyGalleryError):
+        return f"{e}; add images with `reid index GALLERY --index {e.location}`"
+    if isinstance(e, GalleryBusyError) and not e.waited:
+        return f"{e}, or pass --wait SECONDS"
     text = str(e)
     for name, option in _OPTIONS.items():
         text = text.replace(name, option)
@@ -212,7 +225,7 @@ def index_cmd(
 ) -> None:
     """Embed every new or changed crop of GALLERY into the index (incremental, resumable)."""
     from reid.console import embedding_progress
-    from reid.store.ingest import build_index
+    from reid.index import build_index
 
     with embedding_progress(err) as bar:
         task = bar.add_task("embed", total=None)
@@ -269,12 +282,12 @@ def info_cmd(
     """Rows, dimension, index kind, model, size on disk and last update of an index."""
     import json
 
-    from reid.store import GalleryStore
+    from reid.store import open_gallery
 
-    with GalleryStore.open(index) as store:
+    with open_gallery(index) as gallery:
         if repair:
-            store.verify(repair=True)
-        info = store.info()
+            gallery.sync()
+        info = gallery.info()
     if as_json:
         typer.echo(json.dumps(info))
         return
@@ -295,7 +308,7 @@ def demo_cmd(
     from reid.images import find_images
     from reid.search import query_images
     from reid.search_picture import save_results
-    from reid.store.ingest import build_index
+    from reid.index import build_index
 
     data = folder / "data"
     if not (data / "gallery").is_dir():
@@ -345,10 +358,11 @@ def evaluate_cmd(
     """Mean AP, CMC and mINP of a model on a dataset's standard protocol."""
     import json
 
-    from reid import evaluate as ev_mod
     from reid import viz
     from reid.console import embedding_progress
     from reid.errors import InputError
+    from reid.evaluation import ScoreOptions
+    from reid.evaluation import evaluate as ev_mod
 
     for picture in (plot, ranks):
         if picture is not None:
@@ -357,14 +371,13 @@ def evaluate_cmd(
         ev_mod.check_features_path(save_features)
     if attention and ranks is None:
         raise InputError("--attention draws on the --ranks picture; add --ranks FILE")
-
+    options = ev_mod.EvalOptions(variant=variant, protocol=protocol, split=split, flip=flip, batch_size=batch_size,
+                                 workers=workers, device=device.value, use_cache=not no_cache,
+                                 scoring=ScoreOptions(rerank=rerank, ap=ap, seed=seed))
     with embedding_progress(err) as bar:
         task = bar.add_task("embed", total=None)
-        ev = ev_mod.evaluate(
-            dataset, root, weights=weights, variant=variant, protocol=protocol, split=split, rerank=rerank, ap=ap,
-            flip=flip, batch_size=batch_size, workers=workers, device=device.value, use_cache=not no_cache, seed=seed,
-            progress=lambda done, total: bar.update(task, completed=done, total=total),
-        )
+        ev = ev_mod.evaluate(dataset, root, options, weights=weights,
+                             progress=lambda done, total: bar.update(task, completed=done, total=total))
     rep = ev.report
     if save_features is not None:
         ev_mod.save_features(save_features, ev.sets, ev.splits)
@@ -481,6 +494,51 @@ def train_cmd(
         typer.echo(json.dumps(summary))
         return
     out.print(training_table(result, dataset))
+
+
+# --- adapt (issue 11) -----------------------------------------------------------------------------
+
+
+@command("adapt")
+def adapt_cmd(
+    gallery: Path = typer.Argument(..., help="Folder of unlabeled pedestrian crops from your own cameras."),
+    out_dir: Path = typer.Option(..., "--out", help="Run folder: the adapted checkpoint is OUT/last."),
+    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from this checkpoint [the default model]."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs of re-clustering + training [12]."),
+    eps: Optional[float] = typer.Option(None, "--eps", help="DBSCAN radius on Jaccard distances [0.6]."),
+    min_samples: Optional[int] = typer.Option(None, "--min-samples", min=1, help="Crops that make a cluster [4]."),
+    views: Optional[int] = typer.Option(None, "--views", min=1, help="Cached views per crop, the clean one included [4]."),
+    camera_aware: Optional[bool] = typer.Option(None, "--camera-aware/--no-camera-aware",
+                                                help="One proxy per cluster and camera (cameras from Market-style names)."),
+    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of views and sampling [0]."),
+    device: DeviceName = typer.Option(DeviceName.auto, "--device"),
+    as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
+) -> None:
+    """Adapt the network to your cameras without labels (cluster contrast); resumes an interrupted run in OUT."""
+    import dataclasses
+    import json
+
+    from reid.console import adapt_progress
+    from reid.train.adapt import AdaptConfig, adapt
+
+    changes = {k: v for k, v in dict(epochs=epochs, eps=eps, min_samples=min_samples, views=views,
+                                     camera_aware=camera_aware, seed=seed).items() if v is not None}
+    config = dataclasses.replace(AdaptConfig(), **changes)
+    bar, on_epoch, on_progress = adapt_progress(err)
+    with bar:
+        result = adapt(gallery, out_dir, weights=weights, config=config, device=device.value, on_epoch=on_epoch,
+                       progress=on_progress)
+    for path, reason in result.failed:
+        err.print(f"[yellow]skipped[/] {reason}", highlight=False)
+    summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "crops": result.crops,
+               "skipped": len(result.failed), "epochs_done": result.epochs_done,
+               "last": result.records[-1] if result.records else None}
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    last = summary["last"] or {}
+    out.print(f"adapted to {result.crops} crops over {result.epochs_done} epochs: {last.get('clusters')} clusters, "
+              f"{last.get('outliers')} outliers; use it with --weights {result.checkpoint}", highlight=False)
 
 
 def run() -> None:

@@ -7,8 +7,10 @@ Three parts, each against a baseline measured in the same run:
      rounds. Also `reid index` from the shell (start-up and model load included), for orientation.
   2. query: an index of ``--rows`` synthetic clustered vectors inserted through the store; search
      alone per single query (target <= 10 ms) against ``faiss.IndexFlatIP.search`` on the same
-     vectors (the BLAS-threshold trap), and `reid query IMG` from the shell (target <= 3 s), each
-     shell run paired with the start-up floor (`import torch, faiss`) measured right before it.
+     vectors (the BLAS-threshold trap); the same search leaving out the query's camera (the filter
+     inside the search) against the over-fetch it replaced (k x 4, filtered above the store); and
+     `reid query IMG` from the shell (target <= 3 s), each shell run paired with the start-up floor
+     (`import torch, faiss`) measured right before it.
   3. ann: ``--size`` clustered vectors (identities of ~20 images, 5 identities per look-alike
      group) in the kind ``--kind auto`` picks; recall@10 against exact search (target >= 0.95)
      and ms per single query (target <= 5 ms), with exact search time as the baseline.
@@ -119,9 +121,10 @@ def bench_index(work: Path, n_images: int, rounds: int, rows: list) -> None:
 
     from reid.embed import embed_arrays, model_input_size
     from reid.images import decode_image, preprocess
+    from reid.index import index_folder
     from reid.model import build_model, model_fingerprint
-    from reid.store import GalleryStore
-    from reid.store.ingest import index_folder
+    from reid.model.identity import ModelRef
+    from reid.store import open_gallery
 
     paths = write_crops(work / "gallery", n_images)
     model = build_model()
@@ -144,8 +147,8 @@ def bench_index(work: Path, n_images: int, rounds: int, rows: list) -> None:
         for name, workers in setups.items():
             idx = work / f"index-{round_}-{name}"
             shutil.rmtree(idx, ignore_errors=True)  # a kept --workdir must not turn this into a no-op run
-            with GalleryStore.open(idx, write=True) as store:
-                store.bind_model(fingerprint=model_fingerprint(model), source="default", dim=model.embed_dim)
+            with open_gallery(idx, write=True) as store:
+                store.bind(ModelRef("default", model_fingerprint(model), model.embed_dim))
                 t = time.perf_counter()
                 report = index_folder(store, model, work / "gallery", batch_size=32, workers=workers)
                 e = n_images / (time.perf_counter() - t)
@@ -172,32 +175,55 @@ def bench_query(work: Path, n_rows: int, repeats: int, rows: list) -> None:
     import faiss
 
     from reid.model import build_model, model_fingerprint
-    from reid.store import GalleryStore, Record
+    from reid.model.identity import ModelRef
+    from reid.store import Filter, Record, open_gallery
 
     idx = work / f"index-{n_rows}"
     vecs = clustered(n_rows, seed=1)
-    if not (idx / "catalogue.sqlite").exists() or GalleryStore.open(idx).count() != n_rows:
+    cams = np.arange(n_rows) % 6 + 1
+    fresh = (idx / "catalogue.sqlite").exists()
+    if fresh:
+        with open_gallery(idx) as g:
+            fresh = g.count() == n_rows
+    if not fresh:
         fp = model_fingerprint(build_model())
-        with GalleryStore.open(idx, write=True) as store:
-            store.bind_model(fingerprint=fp, source="default", dim=DIM, rebuild=True)
+        with open_gallery(idx, write=True) as store:
+            store.bind(ModelRef("default", fp, DIM), rebuild=True)
             t = time.perf_counter()
             for s in range(0, n_rows, 20000):
-                recs = [Record(f"/bench/gallery/{i:07d}_c{i % 6 + 1}s1_000000_01.jpg", f"{i:064x}", 1, 1,
-                               i // 20, i % 6 + 1, "/bench/gallery") for i in range(s, min(s + 20000, n_rows))]
+                recs = [Record(f"/bench/gallery/{i:07d}_c{cams[i]}s1_000000_01.jpg", f"{i:064x}", 1, 1, i // 20,
+                               int(cams[i]), "/bench/gallery", time=1.7e9 + i) for i in range(s, min(s + 20000, n_rows))]
                 store.add(recs, vecs[s : s + 20000])
-            store.vectors()
+            store.sync()
             rows.append(("query", f"insert {n_rows} rows + build/save FAISS", f"{time.perf_counter() - t:.1f} s", "", ""))
     queries = clustered(n_rows, seed=2)[:100]
+    query_cams = [int(c) for c in np.arange(len(queries)) % 6 + 1]
 
-    with GalleryStore.open(idx) as store:
+    def per_query(fn, qs) -> float:
+        times = []
+        for i, q in enumerate(qs):
+            t = time.perf_counter()
+            fn(i, q[None])
+            times.append(time.perf_counter() - t)
+        return statistics.median(times) * 1e3
+
+    def over_fetch(store, i, q, top=10):  # what search.py did before filters reached the store
+        k = top * 4
+        while True:
+            hits = [h for h in store.search(q, k)[0] if h.camid != query_cams[i]][:top]
+            if len(hits) == top or k >= n_rows:
+                return hits
+            k *= 4
+
+    with open_gallery(idx) as store:
         for _ in range(2):  # load vectors.faiss (the first search scans the mapped file, the second copies it)
             store.search(queries[:1], 10)
-        per = []
-        for q in queries:
-            t = time.perf_counter()
-            store.search(q[None], 10)
-            per.append(time.perf_counter() - t)
-        ours = statistics.median(per) * 1e3
+        ours = per_query(lambda i, q: store.search(q, 10), queries)
+        pushed = per_query(lambda i, q: store.search(q, 10, Filter(cameras_excluded={query_cams[i]})), queries)
+        fetched = per_query(lambda i, q: over_fetch(store, i, q), queries)
+        a = store.search(queries[:20], 10, [Filter(cameras_excluded={c}) for c in query_cams[:20]])
+        b = [over_fetch(store, i, queries[i : i + 1]) for i in range(20)]
+        assert [[h.id for h in r] for r in a] == [[h.id for h in r] for r in b], "filtered search differs"
     flat = faiss.IndexFlatIP(DIM)
     flat.add(vecs)
     base = []
@@ -209,6 +235,9 @@ def bench_query(work: Path, n_rows: int, repeats: int, rows: list) -> None:
     rows.append(("query", f"faiss IndexFlatIP.search, 1 query x {n_rows}", f"{trap:.1f} ms", "baseline", ""))
     rows.append(("query", "GalleryStore.search, 1 query (incl. SQLite rows)", f"{ours:.1f} ms", "<= 10 ms",
                  f"{trap / ours:.1f}x faster {'ok' if ours <= 10 else 'MISS'}"))
+    rows.append(("query", "  over-fetch k x 4, own camera dropped above the store", f"{fetched:.1f} ms", "baseline", ""))
+    rows.append(("query", "  Filter(cameras_excluded) inside the search (SQLite ids + mask)", f"{pushed:.1f} ms", "",
+                 f"{fetched / pushed:.1f}x the over-fetch, same hits"))
 
     crop = write_crops(work / "q", 1)[0]
     query = [sys.executable, "cli.py", "query", str(crop), "--index", str(idx), "--json"]
@@ -277,6 +306,27 @@ def bench_ann(n: int, kind: str, spread: float, rows: list) -> None:
     rows.append(("ann", f"{concrete} search, 1 query: mean (median, p95)", f"{ms:.2f} ms ({med:.2f}, {p95:.2f})", "<= 5 ms",
                  ("ok" if ms <= 5 else "MISS") + (f", {flat_ms / ms:.0f}x faster than exact" if flat_ms else "")))
     _ = exact_ms
+
+    # The same queries leaving out their own camera (6 cameras, row i in camera i % 6): the filter is a
+    # mask inside the search (FAISS's IDSelectorBitmap for these kinds), never a bigger k.
+    cams, qcams = np.arange(n) % 6, np.arange(len(queries)) % 6
+    found_f, per_f, recalls = [], [], []
+    for c in range(6):
+        rows_c = np.flatnonzero(cams != c)
+        mask = cams != c
+        qs = queries[qcams == c]
+        truth_c = rows_c[exact_top(qs, gallery[rows_c], 10)]
+        for q, e in zip(qs, truth_c):
+            t = time.perf_counter()
+            _, ids = vi.search(q[None], 10, mask)
+            per_f.append(time.perf_counter() - t)
+            found_f.append(ids[0])
+            recalls.append(len(set(ids[0].tolist()) & set(e.tolist())) / 10)
+            assert (cams[ids[0][ids[0] >= 0]] != c).all()
+    rows.append(("ann", f"{concrete} recall@10, own camera left out (filter in the search)", f"{np.mean(recalls):.3f}",
+                 ">= 0.95", "ok" if np.mean(recalls) >= 0.95 else "MISS"))
+    rows.append(("ann", f"{concrete} search with that filter, 1 query: median", f"{np.median(per_f) * 1e3:.2f} ms", "<= 5 ms",
+                 "ok" if np.median(per_f) * 1e3 <= 5 else "MISS"))
 
 
 def main() -> None:

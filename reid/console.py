@@ -208,3 +208,22 @@ def training_table(result, dataset: str) -> Table:
         rows.append(("best mAP", f"{result.best_map:.2%} (epoch {result.best_epoch}) -> {out / 'best'}"))
     rows += [("checkpoint", str(out / "last")), ("metrics log", str(out / "metrics.jsonl"))]
     return _facts(f"reid train {dataset}", rows, justify="right")
+
+
+def adapt_progress(console: Console):
+    """A progress display for ``reid.train.adapt.adapt`` -> (bar, on_epoch, progress) callbacks."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    bar = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
+                   console=console, transient=True, disable=not console.is_terminal)
+    task = bar.add_task("starting", total=None)
+
+    def on_progress(stage: str, done: int, total: int) -> None:
+        bar.update(task, description="stream maps" if stage == "streams" else stage, completed=done, total=total)
+
+    def on_epoch(record: dict) -> None:
+        loss = "-" if record.get("loss") is None else f"{record['loss']:.4f}"
+        console.print(f"epoch {record['epoch']}: {record['clusters']} clusters, {record['outliers']} outliers, "
+                      f"loss {loss}, {record['seconds']:.1f} s", highlight=False)
+
+    return bar, on_epoch, on_progress

@@ -25,6 +25,30 @@ class StoreError(ReidError):
     """An index that is missing, corrupt, locked by another writer or built by another model."""
 
 
+class GalleryNotFoundError(StoreError):
+    """No gallery at ``location``; front ends add how to build one."""
+
+    def __init__(self, location: str, message: str | None = None) -> None:
+        self.location = location
+        super().__init__(message or f"no index at {location}")
+
+
+class EmptyGalleryError(StoreError):
+    """A gallery without rows (or without a model yet); front ends add how to fill it."""
+
+    def __init__(self, location: str) -> None:
+        self.location = location
+        super().__init__(f"index {location} is empty")
+
+
+class GalleryBusyError(StoreError):
+    """Another process holds a gallery's writer lock (after ``waited`` seconds); front ends add how to wait."""
+
+    def __init__(self, location: str, message: str, waited: float = 0.0) -> None:
+        self.location, self.waited = location, waited
+        super().__init__(message)
+
+
 class ModelMismatchError(StoreError):
     """A gallery's vectors come from another model than the one given (fingerprints differ).
 

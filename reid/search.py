@@ -1,4 +1,8 @@
-"""Query images -> ranked gallery matches, with the very model the index was built with."""
+"""Query images -> ranked gallery matches, with the very model the gallery was built with.
+
+Works on any ``reid.store.Gallery``: filters (e.g. leaving out the query's own camera) are pushed
+down into the gallery's search, one filter per query.
+"""
 
 from __future__ import annotations
 
@@ -10,10 +14,9 @@ from typing import Sequence
 
 import numpy as np
 
-from reid.errors import InputError, StoreError
+from reid.errors import EmptyGalleryError, InputError
 from reid.images import decode_image, parse_market_name
-from reid.model.identity import ModelRef, load_built_with
-from reid.store import GalleryStore, Hit
+from reid.store import Filter, Gallery, open_gallery
 
 log = logging.getLogger(__name__)
 
@@ -68,52 +71,54 @@ def load_queries(paths: Sequence[str | os.PathLike]) -> list[np.ndarray]:
 
 
 def require_cameras(paths: Sequence[str | os.PathLike]) -> None:
-    """InputError unless every query names its camera (Market style), as ``--other-cameras`` needs."""
+    """InputError unless every query names its camera (Market style), as ``other_cameras`` needs."""
     for p in paths:
         if parse_market_name(Path(p).name)[1] is None:
-            raise InputError(f"--other-cameras needs the query's camera, and {p} does not name one "
+            raise InputError(f"`other_cameras` needs the query's camera, and {p} does not name one "
                              f"(Market-style names like 0002_c1s1_000451_03.jpg do)")
 
 
-def require_rows(store: GalleryStore) -> None:
-    """StoreError unless the index holds at least one image."""
-    if store.count() == 0 or not store.meta.get("fingerprint"):
-        raise StoreError(f"index {store.root} is empty; add images with `reid index GALLERY --index {store.root}`")
+def require_rows(gallery: Gallery) -> None:
+    """EmptyGalleryError unless the gallery holds at least one image (and knows its model)."""
+    if gallery.count() == 0 or gallery.built_with() is None:
+        raise EmptyGalleryError(gallery.location)
 
 
 class Searcher:
-    """An open index plus the model that built it (checked by fingerprint)."""
+    """An open gallery plus the model that built it (checked by fingerprint)."""
 
-    def __init__(self, store: GalleryStore, model, device) -> None:
-        self.store = store
+    def __init__(self, gallery: Gallery, model, device) -> None:
+        self.gallery = gallery
         self.model = model
         self.device = device
 
     @classmethod
     def open(cls, index: str | os.PathLike, *, device: str = "auto") -> "Searcher":
-        """Open a non-empty index read-only and load its model; StoreError when either is unusable."""
+        """Open a non-empty gallery read-only and load its model; StoreError when either is unusable."""
         from reid.runtime import resolve_device
 
-        store = GalleryStore.open(index)
+        gallery = open_gallery(index, prefetch=True)  # its vectors load while the model does
         try:
-            require_rows(store)
-            store.prefetch()  # read vectors.faiss while the model loads
-            return cls.on(store, resolve_device(device))
+            require_rows(gallery)
+            return cls.on(gallery, resolve_device(device))
         except BaseException:
-            store.close()
+            gallery.close()
             raise
 
     @classmethod
-    def on(cls, store: GalleryStore, device) -> "Searcher":
-        """A searcher over an open store with the model its vectors come from (StoreError if it is gone or changed)."""
-        meta = store.meta
-        built_with = ModelRef(meta.get("model_source", "default"), meta["fingerprint"], int(meta["dim"]))
-        model, _ = load_built_with(built_with, str(store.root), device)
-        return cls(store, model, next(model.parameters()).device)
+    def on(cls, gallery: Gallery, device) -> "Searcher":
+        """A searcher over an open gallery with the model its vectors come from (StoreError if it is gone or changed)."""
+        from reid.model.identity import load_built_with
+
+        built_with = gallery.built_with()
+        if built_with is None:
+            raise EmptyGalleryError(gallery.location)
+        model, _ = load_built_with(built_with, gallery.location, device)
+        return cls(gallery, model, next(model.parameters()).device)
 
     def close(self) -> None:
-        """Close the index."""
-        self.store.close()
+        """Close the gallery."""
+        self.gallery.close()
 
     def __enter__(self) -> "Searcher":
         return self
@@ -129,7 +134,7 @@ class Searcher:
 
     def query(self, paths: Sequence[str | os.PathLike], *, top: int = 10, min_score: float | None = None,
               images: Sequence[np.ndarray] | None = None, fuse: bool = False,
-              other_cameras: bool = False) -> list[QueryResult]:
+              other_cameras: bool = False, where: Filter | None = None) -> list[QueryResult]:
         """Rank the gallery for each query image: best ``top`` matches scoring at least ``min_score``.
 
         ``fuse``: the images are crops of one person (a track, several cameras); rank the gallery once
@@ -137,20 +142,22 @@ class Searcher:
         ``other_cameras``: leave out gallery crops from the query's own camera (the evaluation protocols
         do the same), so the same track does not fill the list; the camera comes from a Market-style
         name (``0002_c1s1_...``), and a query without one is an InputError.
+        ``where``: a filter every match must pass (cameras, sources, time range, identities).
         """
         if top < 1:
-            raise InputError(f"--top must be at least 1, not {top}")
+            raise InputError(f"`top` must be at least 1, not {top}")
         names = [parse_market_name(Path(p).name) for p in paths]
         if other_cameras:
             require_cameras(paths)
         images = load_queries(paths) if images is None else images
         vectors = self.embed(images)
-        excluded = [{cam} for _, cam in names] if other_cameras else [set() for _ in names]
+        base = where or Filter()
+        filters = [base.excluding_cameras([cam]) if other_cameras else base for _, cam in names]
         if fuse:
             mean = vectors.mean(axis=0, keepdims=True)
             vectors = mean / max(float(np.linalg.norm(mean)), 1e-12)
-            excluded = [set().union(*excluded)]
-        hits = self._search(vectors, top, excluded)
+            filters = [base.excluding_cameras(cam for _, cam in names) if other_cameras else base]
+        hits = self.gallery.search(vectors, top, filters)
         results = []
         for p, (pid, camid), row in zip(paths, names, hits):
             matches = [Match(r, h.score, h.path, h.camid, h.pid) for r, h in enumerate(row, 1)
@@ -163,31 +170,22 @@ class Searcher:
             results[0].crops = [str(p) for p in paths]
         return results
 
-    def _search(self, vectors: np.ndarray, top: int, excluded: list[set[int | None]]) -> list[list[Hit]]:
-        """Top ``top`` hits per query whose camera is not in its ``excluded`` set (asking for more as needed)."""
-        if not any(excluded):
-            return self.store.search(vectors, top)
-        rows, k = self.store.count(), top * 4
-        while True:
-            hits = [[h for h in row if h.camid not in ex][:top] for row, ex in zip(self.store.search(vectors, k), excluded)]
-            if k >= rows or all(len(row) == top for row in hits):
-                return hits
-            k *= 4
-
 
 def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *, top: int = 10,
                  min_score: float | None = None, device: str = "auto", fuse: bool = False,
-                 other_cameras: bool = False) -> list[QueryResult]:
-    """``reid query``: check the index and the images first (cheap), then load the model and search."""
+                 other_cameras: bool = False, where: Filter | None = None) -> list[QueryResult]:
+    """``reid query``: check the gallery and the images first (cheap), then load the model and search."""
     if not paths:
         raise InputError("no query image given")
     if other_cameras:
         require_cameras(paths)  # before any loading
     from reid.runtime import resolve_device
 
-    with GalleryStore.open(index) as store:  # a missing or empty index fails before any decoding
-        require_rows(store)
-        store.prefetch()  # read vectors.faiss while the images decode and the model loads
+    # A missing or empty gallery fails before any decoding; its vectors load while the images decode
+    # and the model loads.
+    with open_gallery(index, prefetch=True) as gallery:
+        require_rows(gallery)
         images = load_queries(paths)
-        searcher = Searcher.on(store, resolve_device(device))
-        return searcher.query(paths, top=top, min_score=min_score, images=images, fuse=fuse, other_cameras=other_cameras)
+        searcher = Searcher.on(gallery, resolve_device(device))
+        return searcher.query(paths, top=top, min_score=min_score, images=images, fuse=fuse,
+                              other_cameras=other_cameras, where=where)

@@ -18,7 +18,7 @@ from typer.testing import CliRunner
 import cli
 from reid.synthetic.render import render_person
 from reid.model import ModelConfig, build_model, save_checkpoint
-from reid.store import VECTORS_NAME, GalleryStore, WriterLock
+from reid.store import VECTORS_NAME, VectorIndex, WriterLock, open_gallery
 
 SMALL = ModelConfig(input_size=(64, 32), output_stride=32, c_a=4, c_b=4, d_x=16, d_h=8, d_att=8, num_glimpses=1,
                     embed_dim=16)
@@ -144,8 +144,8 @@ def test_prune_removes_rows_of_files_that_are_gone(tmp_path, ckpt):
     paths = {r[1] for r in rows(idx)}
     assert str(files[0].resolve()) not in paths
     assert {str(f.resolve()) for f in other} <= paths  # another gallery's rows are not touched
-    with GalleryStore.open(idx) as s:
-        assert s.vector_state().state == "fresh" and s.vectors().ntotal == 7
+    with open_gallery(idx) as s:
+        assert s.verify().state == "fresh" and VectorIndex.load(idx / VECTORS_NAME).ntotal == 7
 
 
 def test_resume_after_a_crash_mid_run(tmp_path, ckpt, monkeypatch):
@@ -171,8 +171,8 @@ def test_resume_after_a_crash_mid_run(tmp_path, ckpt, monkeypatch):
     assert (resumed["added"], resumed["unchanged"], resumed["rows"]) == (5, 3, 8)
     stored = rows(idx)
     assert len({r[1] for r in stored}) == len(stored) == 8
-    with GalleryStore.open(idx) as s:
-        assert s.vector_state().state == "fresh"
+    with open_gallery(idx) as s:
+        assert s.verify().state == "fresh"
 
 
 def test_resume_after_kill_9(tmp_path, ckpt):
@@ -201,8 +201,8 @@ def test_resume_after_kill_9(tmp_path, ckpt):
     assert len(rows(idx)) == 4
     resumed = summary(index(tmp_path / "g", idx, ckpt))
     assert (resumed["added"], resumed["unchanged"], resumed["rows"]) == (4, 4, 8)
-    with GalleryStore.open(idx) as s:
-        assert s.vector_state().state == "fresh" and s.vectors().ntotal == 8
+    with open_gallery(idx) as s:
+        assert s.verify().state == "fresh" and VectorIndex.load(idx / VECTORS_NAME).ntotal == 8
 
 
 def test_bad_files_are_reported_and_skipped_convertible_ones_indexed(tmp_path, ckpt):
@@ -256,7 +256,7 @@ def test_an_index_of_another_model_is_refused_until_rebuild(tmp_path, ckpt, othe
     make_gallery(tmp_path / "g", ids=2)
     idx = tmp_path / "idx"
     summary(index(tmp_path / "g", idx, ckpt))
-    one_line_error(index(tmp_path / "g", idx, other_ckpt), "was built with model", "--rebuild")
+    one_line_error(index(tmp_path / "g", idx, other_ckpt), "was built with the model", "--rebuild")
     rebuilt = summary(index(tmp_path / "g", idx, other_ckpt, "--rebuild"))
     assert (rebuilt["added"], rebuilt["rows"]) == (4, 4)
     # Without --weights, the index keeps using its own model.
@@ -348,10 +348,11 @@ def test_query_errors_are_one_line_exit_1(built, tmp_path, ckpt):
     one_line_error(run("query", tmp_path / "missing.jpg", "--index", idx), "does not exist")
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8 not really")
     one_line_error(run("query", tmp_path / "bad.jpg", "--index", idx), "bad.jpg")
-    one_line_error(run("query", files[0], "--index", tmp_path / "no-index"), "no index at")
+    one_line_error(run("query", files[0], "--index", tmp_path / "no-index"), "no index at",
+                   "; build one with `reid index GALLERY --index")
     (tmp_path / "empty").mkdir()
     summary(index(tmp_path / "empty", tmp_path / "empty-idx", ckpt))
-    one_line_error(run("query", files[0], "--index", tmp_path / "empty-idx"), "is empty")
+    one_line_error(run("query", files[0], "--index", tmp_path / "empty-idx"), "is empty; add images with `reid index")
     one_line_error(run("query", files[0], "--index", idx, "--save", tmp_path / "out.txt"), "cannot write a picture")
     assert run("query", files[0], "--index", idx, "--top", "0").exit_code == 2  # usage error
 
@@ -386,6 +387,8 @@ def test_query_rebuilds_a_missing_or_corrupt_faiss_file(built, damage, caplog):
     assert "rebuilding it from the catalogue" in caplog.text
     assert json.loads(after.stdout) == before
     assert json.loads(run("info", "--index", idx, "--json").stdout)["vectors"] == "fresh"
+    (idx / VECTORS_NAME).unlink()
+    assert json.loads(run("info", "--index", idx, "--json", "--repair").stdout)["vectors"] == "fresh"
 
 
 def test_info(built):

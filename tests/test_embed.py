@@ -115,7 +115,7 @@ def test_a_query_finds_its_own_indexed_file(tmp_path):
     """Gallery files and query crops go through one embedding path (with the real default network: the
     index embeds a batch through the fused copy, the one-crop query through the trained layers)."""
     from reid.search import query_images
-    from reid.store.ingest import build_index
+    from reid.index import build_index
     from reid.synthetic import render_person
 
     gallery = tmp_path / "g"

@@ -6,12 +6,13 @@ import cv2
 import numpy as np
 import pytest
 
-from reid.errors import ImageDecodeError, InputError, StoreError
+from reid.errors import EmptyGalleryError, ImageDecodeError, InputError
 from reid.model import ModelConfig, build_model, save_checkpoint
 from reid.search import Match, QueryResult, Searcher, load_queries, query_images
 from reid.search_picture import draw_results, match_status
-from reid.store import GalleryStore
-from reid.store.ingest import index_folder
+from reid.index import index_folder
+from reid.model.identity import ModelRef
+from reid.store import Filter, open_gallery
 from reid.viz import rank_grid_shape
 
 SMALL = ModelConfig(input_size=(64, 32), output_stride=32, c_a=4, c_b=4, d_x=16, d_h=8, d_att=8, num_glimpses=1,
@@ -35,10 +36,8 @@ def indexed(tmp_path):
     for i in range(5):
         cv2.imwrite(str(gallery / f"{i + 1:04d}_c{i % 2 + 1}s1_000001_01.png"), crop(i))
     cv2.imwrite(str(gallery / "plain.png"), crop(9))
-    with GalleryStore.open(tmp_path / "idx", write=True) as store:
-        from reid.model import model_fingerprint
-
-        store.bind_model(fingerprint=model_fingerprint(model), source=str(ckpt), dim=SMALL.embed_dim)
+    with open_gallery(tmp_path / "idx", write=True) as store:
+        store.bind(ModelRef.of(model, str(ckpt)))
         report = index_folder(store, model, gallery, workers=0)
     assert report.added == 6
     return sorted(gallery.iterdir()), tmp_path / "idx"
@@ -66,7 +65,7 @@ def test_min_score_and_top(indexed):
         assert len(every) == 6
         cut = (every[2].score + every[3].score) / 2
         assert [m.rank for m in s.query(files[:1], top=50, min_score=cut)[0].matches] == [1, 2, 3]
-        with pytest.raises(InputError, match="--top"):
+        with pytest.raises(InputError, match="^`top` must be at least 1, not 0$"):
             s.query(files[:1], top=0)
 
 
@@ -84,8 +83,8 @@ def test_bad_queries(tmp_path, indexed):
 
 
 def test_empty_index_is_refused_before_loading_any_model(tmp_path):
-    GalleryStore.open(tmp_path / "idx", write=True).close()
-    with pytest.raises(StoreError, match="is empty"):
+    open_gallery(tmp_path / "idx", write=True).close()
+    with pytest.raises(EmptyGalleryError, match="is empty$"):
         query_images([tmp_path / "whatever.jpg"], tmp_path / "idx")
 
 
@@ -120,3 +119,16 @@ def test_picture_has_one_row_per_query_and_survives_a_vanished_gallery_file(tmp_
     x2 = tw + QUERY_GAP + tw + GAP + BORDER // 2
     assert tuple(pic[60, x1]) == STATUS_COLOURS["match"]
     assert tuple(pic[60, x2]) == STATUS_COLOURS["mismatch"]
+
+
+def test_searcher_pushes_filters_down_to_the_gallery(indexed):
+    files, idx = indexed  # 0001_c1 .. 0005_c1 (cameras 1, 2, 1, 2, 1) and plain.png
+    with Searcher.open(idx) as s:
+        [only] = s.query(files[:1], top=10, where=Filter(cameras={2}))
+        assert {m.camid for m in only.matches} == {2} and len(only.matches) == 2
+        [other] = s.query(files[:1], top=10, other_cameras=True)  # camera 1 left out; no camera stays in
+        assert [m.camid for m in other.matches].count(None) == 1 and 1 not in {m.camid for m in other.matches}
+        [both] = s.query(files[:1], top=10, other_cameras=True, where=Filter(pids={2}))
+        assert [(m.pid, m.camid) for m in both.matches] == [(2, 2)]
+        with pytest.raises(InputError, match="`other_cameras` needs the query's camera"):
+            s.query(files[-1:], other_cameras=True)

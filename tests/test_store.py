@@ -1,4 +1,5 @@
-"""The gallery store with plain numpy vectors: catalogue, derived FAISS file, lock, kinds."""
+"""The embedded gallery backend with plain numpy vectors: catalogue, schema migration, derived FAISS file,
+lock, kinds, filtered search inside each kind. The backend-neutral behaviour is in test_gallery_contract.py."""
 
 from __future__ import annotations
 
@@ -13,8 +14,9 @@ import textwrap
 import numpy as np
 import pytest
 
-from reid.errors import StoreError
-from reid.store import VECTORS_NAME, GalleryStore, Record, VectorIndex, WriterLock, id_digest, resolve_kind
+from reid.errors import ModelMismatchError, StoreError
+from reid.model.identity import ModelRef
+from reid.store import VECTORS_NAME, Filter, GalleryStore, Record, VectorIndex, WriterLock, id_digest, resolve_kind
 from reid.store import vectors as vectors_mod
 
 DIM = 16
@@ -26,40 +28,23 @@ def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
 
 
 def records(names, source="/g") -> list[Record]:
-    return [Record(f"{source}/{n}", f"sha-{n}", 100, 1, i, 1 + i % 3, source) for i, n in enumerate(names)]
+    return [Record(f"{source}/{n}", f"sha-{n}", 100, 1, i, 1 + i % 3, source, time=1000.0 + i) for i, n in enumerate(names)]
+
+
+def meta(root, key: str) -> str | None:
+    con = sqlite3.connect(root / "catalogue.sqlite")
+    try:
+        row = con.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return None if row is None else row[0]
+    finally:
+        con.close()
 
 
 @pytest.fixture
 def store(tmp_path):
     with GalleryStore.open(tmp_path / "idx", write=True) as s:
-        s.bind_model(fingerprint="fp-a", source="default", dim=DIM)
+        s.bind(ModelRef("default", "fp-a", DIM))
         yield s
-
-
-def test_search_is_exact_and_carries_row_fields(store):
-    rng = np.random.default_rng(0)
-    vecs = unit(rng, 50)
-    ids = store.add(records([f"{i:03d}.jpg" for i in range(50)]), vecs)
-    assert ids == list(range(1, 51)) and store.count() == 50
-    queries = unit(rng, 3)
-    hits = store.search(queries, 5)
-    expected = np.argsort(-(queries @ vecs.T), axis=1)[:, :5]
-    for q, row in enumerate(hits):
-        assert [h.id - 1 for h in row] == expected[q].tolist()
-        assert [h.score for h in row] == pytest.approx(np.sort(queries[q] @ vecs.T)[::-1][:5], abs=1e-5)
-    best = store.search(vecs[7:8], 1)[0][0]
-    assert (best.path, best.pid, best.camid) == ("/g/007.jpg", 7, 1 + 7 % 3)
-    assert store.search(queries, 500)[0].__len__() == 50  # k larger than the gallery
-
-
-def test_same_path_gets_a_new_row_and_the_old_vector_is_gone(store):
-    rng = np.random.default_rng(1)
-    a, b = unit(rng, 2)
-    [first] = store.add(records(["x.jpg"]), a[None])
-    [second] = store.add(records(["x.jpg"]), b[None])
-    assert second > first and store.count() == 1
-    [hit] = store.search(a[None], 5)[0]
-    assert hit.id == second and hit.score == pytest.approx(float(a @ b), abs=1e-5)
 
 
 def test_remove_and_counts_and_digest(store):
@@ -67,25 +52,18 @@ def test_remove_and_counts_and_digest(store):
     store.add(records(["a.jpg", "b.jpg", "c.jpg"]), unit(rng, 3))
     assert store.remove(["/g/b.jpg", "/g/nope.jpg"]) == 1
     assert store.count() == 2
-    assert int(store.meta["id_digest"]) == id_digest([1, 3]) == id_digest([3, 1])
+    assert int(meta(store.root, "id_digest")) == id_digest([1, 3]) == id_digest([3, 1])
     assert id_digest([1, 3]) != id_digest([1, 2])
     assert {h.path for h in store.search(unit(rng, 1), 10)[0]} == {"/g/a.jpg", "/g/c.jpg"}
-
-
-def test_dimension_and_empty_index_errors(store):
-    with pytest.raises(StoreError, match="empty"):
-        store.search(np.zeros((1, DIM), np.float32), 3)
-    with pytest.raises(StoreError, match="dimension 16"):
-        store.add(records(["a.jpg"]), np.zeros((1, 8), np.float32))
 
 
 def test_vectors_file_is_derived_saved_and_reloaded(store, tmp_path):
     rng = np.random.default_rng(3)
     vecs = unit(rng, 20)
     store.add(records([f"{i}.jpg" for i in range(20)]), vecs)
-    assert store.vector_state().state == "missing"
-    store.vectors()
-    assert store.vector_state().state == "fresh"
+    assert store.verify().state == "missing"
+    assert store.sync().state == "missing"  # what it found
+    assert store.verify().state == "fresh"
     assert not [p for p in store.root.iterdir() if p.name.endswith(".tmp")]
     loaded = VectorIndex.load(store.root / VECTORS_NAME)
     assert sorted(loaded.ids().tolist()) == list(range(1, 21))
@@ -97,9 +75,9 @@ def test_reader_repairs_a_missing_corrupt_or_stale_vectors_file(tmp_path, caplog
     vecs = unit(rng, 30)
     root = tmp_path / "idx"
     with GalleryStore.open(root, write=True) as s:
-        s.bind_model(fingerprint="fp", source="default", dim=DIM)
+        s.bind(ModelRef("default", "fp", DIM))
         s.add(records([f"{i:02d}.jpg" for i in range(30)]), vecs)
-        s.vectors()
+        s.sync()
         expected = s.search(vecs[:4], 5)
         path = root / VECTORS_NAME
         if damage == "delete":
@@ -111,12 +89,12 @@ def test_reader_repairs_a_missing_corrupt_or_stale_vectors_file(tmp_path, caplog
         else:  # rows committed after the file was written (e.g. a run killed before its final save)
             s.add(records(["late.jpg"]), unit(rng, 1))
     with GalleryStore.open(root) as reader:
-        state = reader.vector_state().state
+        state = reader.verify().state
         assert state == {"delete": "missing", "garbage": "corrupt", "truncate": "corrupt", "stale": "stale"}[damage]
-        with caplog.at_level(logging.WARNING, logger="reid.store.gallery"):
+        with caplog.at_level(logging.WARNING, logger="reid.store.local"):
             got = reader.search(vecs[:4], 5)
         assert any(w in caplog.text for w in ("missing", "corrupt", "out of date"))
-        assert reader.vector_state().state == "fresh"  # the reader saved the repaired file (lock was free)
+        assert reader.verify().state == "fresh"  # the reader saved the repaired file (lock was free)
         assert VectorIndex.load(root / VECTORS_NAME).ntotal == reader.count() == (31 if damage == "stale" else 30)
     if damage != "stale":
         assert [[h.id for h in r] for r in got] == [[h.id for h in r] for r in expected]
@@ -126,7 +104,7 @@ def test_reader_does_not_save_while_a_writer_holds_the_lock(tmp_path):
     rng = np.random.default_rng(5)
     root = tmp_path / "idx"
     with GalleryStore.open(root, write=True) as writer:
-        writer.bind_model(fingerprint="fp", source="default", dim=DIM)
+        writer.bind(ModelRef("default", "fp", DIM))
         writer.add(records(["a.jpg", "b.jpg"]), unit(rng, 2))
         with GalleryStore.open(root) as reader:
             assert len(reader.search(unit(rng, 1), 5)[0]) == 2  # repaired in memory
@@ -136,7 +114,7 @@ def test_reader_does_not_save_while_a_writer_holds_the_lock(tmp_path):
 def test_writer_lock_refuses_a_second_writer_and_names_the_holder(tmp_path):
     root = tmp_path / "idx"
     with GalleryStore.open(root, write=True):
-        with pytest.raises(StoreError, match=rf"being written by process {os.getpid()}.*--wait"):
+        with pytest.raises(StoreError, match=rf"being written by process {os.getpid()}; wait for it to finish$"):
             GalleryStore.open(root, write=True)
         with pytest.raises(StoreError, match="after waiting 0.3 s"):
             GalleryStore.open(root, write=True, wait=0.3)
@@ -165,26 +143,18 @@ def test_lock_dies_with_a_killed_holder(tmp_path):
         proc.kill()
 
 
-def test_model_binding_refuses_another_fingerprint_and_rebuild_clears(tmp_path):
-    rng = np.random.default_rng(6)
+def test_a_rebuild_with_another_model_drops_the_vectors_file(tmp_path):
     with GalleryStore.open(tmp_path / "idx", write=True) as s:
-        s.bind_model(fingerprint="fp-a", source="/ckpt/a", dim=DIM)
-        s.add(records(["a.jpg"]), unit(rng, 1))
-        s.vectors()
-        s.bind_model(fingerprint="fp-a", source="/ckpt/a-moved", dim=DIM)  # same weights elsewhere: fine
-        with pytest.raises(StoreError, match=r"built with model /ckpt/a-moved.*--rebuild"):
-            s.bind_model(fingerprint="fp-b", source="/ckpt/b", dim=DIM)
-        s.bind_model(fingerprint="fp-b", source="/ckpt/b", dim=8, rebuild=True)
-        assert s.count() == 0 and s.meta["fingerprint"] == "fp-b" and s.dim == 8
-        assert not (s.root / VECTORS_NAME).exists()
-
-
-def test_read_only_store_refuses_writes_and_missing_index_is_clear(tmp_path):
-    with pytest.raises(StoreError, match="no index at .*reid index GALLERY --index"):
-        GalleryStore.open(tmp_path / "nothing")
-    GalleryStore.open(tmp_path / "idx", write=True).close()
-    with GalleryStore.open(tmp_path / "idx") as r, pytest.raises(StoreError, match="read-only"):
-        r.add(records(["a.jpg"]), np.zeros((1, DIM), np.float32))
+        s.bind(ModelRef("/ckpt/a", "fp-a", DIM))
+        s.add(records(["a.jpg"]), unit(np.random.default_rng(6), 1))
+        s.sync()
+        s.bind(ModelRef("/ckpt/a-moved", "fp-a", DIM))  # same weights elsewhere: the rows stay
+        assert s.count() == 1 and meta(s.root, "model_source") == "/ckpt/a-moved"
+        assert (s.root / VECTORS_NAME).exists()
+        with pytest.raises(ModelMismatchError, match=r"built with the model /ckpt/a-moved .*not with /ckpt/b"):
+            s.bind(ModelRef("/ckpt/b", "fp-b", DIM))
+        s.bind(ModelRef("/ckpt/b", "fp-b", 8), rebuild=True)
+        assert s.count() == 0 and meta(s.root, "dim") == "8" and not (s.root / VECTORS_NAME).exists()
 
 
 def test_a_catalogue_that_is_not_sqlite_is_a_store_error(tmp_path):
@@ -226,22 +196,39 @@ def test_approximate_kinds_find_the_exact_neighbours(tmp_path, kind, monkeypatch
     vecs = clustered(rng, n, dim, 100)
     queries = clustered(rng, 20, dim, 100)
     with GalleryStore.open(tmp_path / "idx", write=True) as s:
-        s.bind_model(fingerprint="fp", source="default", dim=dim, kind=kind)
+        s.bind(ModelRef("default", "fp", dim), kind=kind)
         s.add(records([f"{i:05d}.jpg" for i in range(n)]), vecs)
-        assert s.vectors().kind == kind
+        s.sync()
+        assert s.info()["vector_kind"] == kind
         exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10] + 1
         got = [[h.id for h in row] for row in s.search(queries, 10)]
         recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact.tolist())])
         assert recall >= 0.9
         # Removing rows from an index kind that cannot remove in place rebuilds it.
         s.remove([f"/g/{i:05d}.jpg" for i in range(10)])
-        assert s.vectors().ntotal == n - 10 and s.vector_state().state == "fresh"
+        s.sync()
+        assert VectorIndex.load(tmp_path / "idx" / VECTORS_NAME).ntotal == n - 10 and s.verify().state == "fresh"
         written = [[h.id for h in row] for row in s.search(queries, 10)]
+
+        # Filters inside the approximate search: FAISS's selector for a large subset, exact scoring of a small one.
+        monkeypatch.setattr(vectors_mod, "ANN_EXACT_MAX", 500)
+        kept = np.arange(10, n)  # row i has id i + 1, camera 1 + i % 3, identity i
+        for f, rows in ((Filter(cameras_excluded={1}), kept[kept % 3 != 0]),  # 2,660 rows: selector
+                        (Filter(pids=range(100, 400, 3)), np.arange(100, 400, 3))):  # 100 rows: exact
+            want = rows[np.argsort(-(queries @ vecs[rows].T), axis=1)[:, :10]] + 1
+            hits = s.search(queries, 10, f)
+            assert all(len(row) == 10 for row in hits)
+            got = [[h.id for h in row] for row in hits]
+            assert all(set(g) <= set((rows + 1).tolist()) for g in got)
+            recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, want.tolist())])
+            assert recall >= (0.9 if len(rows) > 500 else 1.0), (f, recall)
+        filtered = [[h.id for h in row] for row in s.search(queries, 10, Filter(cameras_excluded={1}))]
 
     # Read back: memory-mapped (read-only buffers) and searched as it is; new rows give it buffers of its own.
     with GalleryStore.open(tmp_path / "idx") as r:
-        assert r.vectors()._mapped is bool(vectors_mod._MMAP_READ)
+        assert r._index()._mapped is bool(vectors_mod._MMAP_READ)
         assert [[h.id for h in row] for row in r.search(queries, 10)] == written
+        assert [[h.id for h in row] for row in r.search(queries, 10, Filter(cameras_excluded={1}))] == filtered
     vi = VectorIndex.load(tmp_path / "idx" / VECTORS_NAME)
     before = vi.search(queries, 10)[1]
     vi.add(np.array([99_999]), queries[:1])
@@ -321,21 +308,110 @@ def test_ivf_lists_follow_the_gallery_size():
 def test_prefetch_loads_vectors_in_the_background_and_reraises_its_errors(tmp_path, monkeypatch):
     rng = np.random.default_rng(10)
     vecs = unit(rng, 40)
-    with GalleryStore.open(tmp_path / "idx", write=True) as w:
-        w.bind_model(fingerprint="fp", source="default", dim=DIM)
+    with GalleryStore.open(tmp_path / "idx", write=True, prefetch=True) as w:
+        assert w._prefetch is None  # a writer never prefetches
+        w.bind(ModelRef("default", "fp", DIM))
         w.add(records([f"{i:02d}.jpg" for i in range(40)]), vecs)
-        w.prefetch()  # a writer never prefetches
-        assert w._prefetch is None
         expected = [[h.id for h in row] for row in w.search(vecs[:3], 4)]
-    with GalleryStore.open(tmp_path / "idx") as r:
-        r.prefetch()
+    with GalleryStore.open(tmp_path / "idx", prefetch=True) as r:
+        assert r._prefetch is not None
         assert [[h.id for h in row] for row in r.search(vecs[:3], 4)] == expected
 
     def boom(path):
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(VectorIndex, "load", staticmethod(boom))
-    with GalleryStore.open(tmp_path / "idx") as r:
-        r.prefetch()
+    with GalleryStore.open(tmp_path / "idx", prefetch=True) as r:
         with pytest.raises(RuntimeError, match="disk on fire"):
             r.search(vecs[:1], 4)
+
+
+@pytest.mark.parametrize("order", ["ascending", "shuffled"])
+def test_flat_filters_on_every_search_path(tmp_path, order):
+    """The mapped file (FAISS + selector), NumPy rows with most rows kept (-inf mask), with few kept (gather)."""
+    rng = np.random.default_rng(12)
+    vecs, queries = unit(rng, 3000, 32), unit(rng, 3, 32)
+    ids = np.arange(10, 3010) if order == "ascending" else rng.permutation(3000) + 10
+    vi = VectorIndex.empty("flat", 32)
+    vi.add(ids, vecs)
+    vi.save(tmp_path / VECTORS_NAME)
+
+    def brute(keep_ids, k):
+        ok = np.isin(ids, keep_ids)
+        sims = queries @ vecs[ok].T
+        return ids[ok][np.argsort(-sims, axis=1)[:, :k]], -np.sort(-sims, axis=1)[:, :k]
+
+    many, few = ids[ids % 4 != 0], ids[ids % 50 == 0]
+    assert (vi.mask(ids[ids % 4 == 0], dropped=True) == np.isin(ids, many)).all()
+    assert (vi.mask(np.append(few, [1, 99_999])) == np.isin(ids, few)).all()  # ids it does not hold: ignored
+    mapped = VectorIndex.load(tmp_path / VECTORS_NAME)
+    for index in (mapped, vi, vi):  # the first search of the loaded file scans the mapped file
+        for keep_ids in (many, few):
+            want_i, want_s = brute(keep_ids, 7)
+            got_s, got_i = index.search(queries, 7, index.mask(keep_ids))
+            assert np.array_equal(got_i, want_i) and np.allclose(got_s, want_s, atol=1e-5)
+    assert mapped._rows is not None  # later searches copied the rows into NumPy
+    assert vi.search(queries, 500, vi.mask(few))[1].shape == (3, len(few))  # k beyond what passes
+    assert vi.search(queries, 5, vi.mask(np.array([], np.int64)))[1].shape == (3, 0)
+
+
+V1_SCHEMA = """
+CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE images (id INTEGER PRIMARY KEY AUTOINCREMENT, path TEXT NOT NULL UNIQUE, sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL, mtime INTEGER NOT NULL, pid INTEGER, camid INTEGER, source TEXT NOT NULL,
+    added_at TEXT NOT NULL, embedding BLOB NOT NULL);
+CREATE INDEX images_sha256 ON images(sha256);
+"""
+
+
+def test_a_version_1_catalogue_is_upgraded_on_open(tmp_path, caplog):
+    root = tmp_path / "idx"
+    root.mkdir()
+    vecs = unit(np.random.default_rng(13), 6)
+    con = sqlite3.connect(root / "catalogue.sqlite")
+    con.executescript(V1_SCHEMA)
+    con.executemany("INSERT INTO images(path, sha256, bytes, mtime, pid, camid, source, added_at, embedding)"
+                    " VALUES (?, ?, 1, ?, ?, ?, '/g', 'then', ?)",
+                    [(f"/g/{i}.jpg", f"s{i}", (1_700_000_000 + 60 * i) * 10**9, i, 1 + i % 2, vecs[i].tobytes())
+                     for i in range(6)])
+    con.executemany("INSERT INTO meta VALUES (?, ?)", [
+        ("schema_version", "1"), ("rows", "6"), ("id_digest", str(id_digest(range(1, 7)))), ("fingerprint", "fp"),
+        ("model_source", "default"), ("dim", str(DIM)), ("kind", "auto"), ("metric", "inner_product")])
+    con.commit()
+    con.close()
+    old = VectorIndex.empty("flat", DIM)
+    old.add(np.arange(1, 7), vecs)
+    old.save(root / VECTORS_NAME)
+
+    with caplog.at_level(logging.WARNING), GalleryStore.open(root) as g:  # a reader upgrades it too
+        assert "from schema 1 to 2" in caplog.text
+        assert g.info()["schema_version"] == 2 and g.verify().state == "fresh"  # same rows: vectors.faiss stays
+        assert [r.time for r in g.get(range(1, 7)).values()] == [1_700_000_000.0 + 60 * i for i in range(6)]
+        since = Filter(since=1_700_000_000 + 150)
+        assert g.count(since) == 3
+        assert sorted(h.id for h in g.search(vecs[:1], 6, since)[0]) == [4, 5, 6]
+    con = sqlite3.connect(root / "catalogue.sqlite")
+    indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    con.close()
+    assert {"images_camid", "images_pid", "images_source", "images_time"} <= indexes
+    caplog.clear()
+    GalleryStore.open(root).close()
+    assert "upgrading" not in caplog.text  # once
+
+
+def test_a_catalogue_from_a_newer_reid_is_refused(store):
+    con = sqlite3.connect(store.root / "catalogue.sqlite")
+    con.execute("UPDATE meta SET value = '99' WHERE key = 'schema_version'")
+    con.commit()
+    con.close()
+    with pytest.raises(StoreError, match="schema version 99 is newer than this reid reads"):
+        GalleryStore.open(store.root)
+
+
+def test_locations_pick_the_backend(tmp_path):
+    from reid.store import open_gallery
+
+    with open_gallery(f"file://{tmp_path / 'idx'}", write=True) as g:
+        assert isinstance(g, GalleryStore) and g.location == str(tmp_path / "idx")
+    with pytest.raises(StoreError, match="no gallery backend for milvus:// locations"):
+        open_gallery("milvus://localhost:19530/reid")

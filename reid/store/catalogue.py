@@ -1,48 +1,32 @@
-"""The SQLite catalogue of an index: one row per image (path, content hash, ids, embedding).
+"""The SQLite catalogue of an index: one row per image (path, content hash, ids, time, embedding).
 
 It is the source of truth; the FAISS file beside it is derived from the ``embedding`` BLOBs.
 Every write is one transaction that also updates ``meta`` (row count and an order-free digest
 of the row ids), so a reader can tell in O(1) whether a FAISS file holds exactly these rows.
 Row ids are never reused (AUTOINCREMENT) and a row's embedding is never updated in place: a
-changed file gets a new row, so equal id sets mean equal vectors.
+changed file gets a new row, so equal id sets mean equal vectors. Search filters become SQL over
+indexed columns (:meth:`Catalogue.select`).
 """
 
 from __future__ import annotations
 
 import contextlib
-import datetime as dt
+import json
 import logging
 import sqlite3
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 
 from reid.errors import StoreError
+from reid.store.base import FileState, Filter, Record
+from reid.store.schema import now, prepare
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 1
-
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS images (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    path TEXT NOT NULL UNIQUE,          -- absolute, under a resolved gallery root
-    sha256 TEXT NOT NULL,
-    bytes INTEGER NOT NULL,
-    mtime INTEGER NOT NULL,             -- st_mtime_ns
-    pid INTEGER,
-    camid INTEGER,
-    source TEXT NOT NULL,               -- the gallery root the file was indexed from
-    added_at TEXT NOT NULL,
-    embedding BLOB NOT NULL             -- float32 little-endian, meta.dim values
-);
-CREATE INDEX IF NOT EXISTS images_sha256 ON images(sha256);
-"""
-
 _MASK64 = (1 << 64) - 1
+_RECORD_COLUMNS = "path, sha256, bytes, mtime, pid, camid, source, time"
 
 
 def id_digest(ids: np.ndarray | Sequence[int]) -> int:
@@ -56,41 +40,31 @@ def id_digest(ids: np.ndarray | Sequence[int]) -> int:
         return int(z.sum(dtype=np.uint64)) & _MASK64
 
 
-@dataclass(frozen=True)
-class Record:
-    """What the catalogue keeps about one image file, besides its embedding."""
-
-    path: str
-    sha256: str
-    bytes: int
-    mtime: int
-    pid: int | None
-    camid: int | None
-    source: str
+def _in(column: str, values: Iterable) -> tuple[str, list]:
+    # One JSON parameter per set: no limit on its size, and the planner still uses the column's index.
+    return f"{column} IN (SELECT value FROM json_each(?))", [json.dumps(sorted(values))]
 
 
-@dataclass(frozen=True)
-class FileState:
-    """The stored identity of a file: enough to tell whether it changed since it was indexed."""
-
-    id: int
-    sha256: str
-    bytes: int
-    mtime: int
-
-
-@dataclass(frozen=True)
-class Row:
-    """The part of a row a search result shows."""
-
-    id: int
-    path: str
-    pid: int | None
-    camid: int | None
-
-
-def _now() -> str:
-    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
+def filter_sql(where: Filter) -> tuple[str, list]:
+    """``where`` as an SQL condition on ``images`` and its parameters ("1" for no filter)."""
+    clauses: list[str] = []
+    args: list = []
+    for column, values in (("camid", where.cameras), ("source", where.sources), ("pid", where.pids)):
+        if values is not None:
+            sql, a = _in(column, values)
+            clauses.append(sql)
+            args += a
+    if where.cameras_excluded:
+        sql, a = _in("camid", where.cameras_excluded)
+        clauses.append(f"(camid IS NULL OR NOT {sql})")
+        args += a
+    if where.since is not None:
+        clauses.append("time >= ?")
+        args.append(float(where.since))
+    if where.until is not None:
+        clauses.append("time <= ?")
+        args.append(float(where.until))
+    return (" AND ".join(clauses) or "1"), args
 
 
 class Catalogue:
@@ -104,18 +78,14 @@ class Catalogue:
             self.conn = sqlite3.connect(self.path, timeout=30.0, isolation_level=None)
             self.conn.execute("PRAGMA journal_mode=WAL")
             self.conn.execute("PRAGMA synchronous=NORMAL")  # WAL + NORMAL survives a killed process
-            if create:
-                self.conn.executescript(_SCHEMA)
-            version = self.get("schema_version")
-            if version is None and create:
-                self.set_many({"schema_version": str(SCHEMA_VERSION), "rows": "0", "id_digest": "0",
-                               "created_at": _now(), "updated_at": _now()})
-            elif version != str(SCHEMA_VERSION):
-                raise StoreError(f"{self.path}: catalogue schema version {version!r}, this reid reads "
-                                 f"{SCHEMA_VERSION}; rebuild the index with `reid index GALLERY --rebuild`")
+            prepare(self.conn, self.path, create=create)
         except sqlite3.DatabaseError as e:
+            self.conn.close()
             raise StoreError(f"{self.path}: not a readable index catalogue ({e}); delete the index folder "
-                             f"and run `reid index` again") from None
+                             f"and index the gallery again") from None
+        except BaseException:
+            self.conn.close()
+            raise
 
     def close(self) -> None:
         """Close the connection (idempotent)."""
@@ -147,10 +117,7 @@ class Catalogue:
 
     def get(self, key: str) -> str | None:
         """One meta value, or None."""
-        try:
-            row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        except sqlite3.OperationalError:  # no meta table: not one of our catalogues
-            return None
+        row = self.conn.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
         return None if row is None else row[0]
 
     def meta(self) -> dict[str, str]:
@@ -167,13 +134,30 @@ class Catalogue:
         m = self.meta()
         rows = int(m.get("rows", 0)) + len(added) - len(removed)
         digest = (int(m.get("id_digest", 0)) + id_digest(added) - id_digest(removed)) & _MASK64
-        self.set_many({"rows": str(rows), "id_digest": str(digest), "updated_at": _now()})
+        self.set_many({"rows": str(rows), "id_digest": str(digest), "updated_at": now()})
 
     # --- rows -------------------------------------------------------------------------------
 
-    def count(self) -> int:
-        """Number of rows, as recorded in meta (kept in step with every write)."""
-        return int(self.get("rows") or 0)
+    def count(self, where: Filter | None = None) -> int:
+        """Number of rows: from meta (kept in step with every write), or by SQL for a filter."""
+        if where is None or where.is_empty:
+            return int(self.get("rows") or 0)
+        sql, args = filter_sql(where)
+        return int(self.conn.execute(f"SELECT count(*) FROM images WHERE {sql}", args).fetchone()[0])
+
+    def select(self, where: Filter) -> tuple[np.ndarray, bool]:
+        """The row ids ``where`` lets through -> (ids int64, False); for a filter that only leaves out
+        cameras, the (usually far fewer) ids it leaves out -> (ids, True)."""
+        if where.only_excludes:
+            sql, args = _in("camid", where.cameras_excluded)
+            dropped = True
+        else:
+            sql, args = filter_sql(where)
+            dropped = False
+        # One comma-separated string parsed by NumPy: ~8x faster than a Python tuple per row (16k ids: ~1 ms).
+        text = self.conn.execute(f"SELECT group_concat(id) FROM images WHERE {sql}", args).fetchone()[0]
+        ids = np.fromstring(text, dtype=np.int64, sep=",") if text else np.empty(0, np.int64)
+        return ids, dropped
 
     def states(self, under: str | None = None) -> dict[str, FileState]:
         """path -> FileState for every row (or for rows whose path lies under the folder ``under``)."""
@@ -203,7 +187,7 @@ class Catalogue:
         if not records:
             return []
         added, removed = [], []
-        now = _now()
+        stamp = now()
         with self.write() as c:
             for r, v in zip(records, vectors):
                 old = c.execute("SELECT id FROM images WHERE path = ?", (r.path,)).fetchone()
@@ -211,9 +195,8 @@ class Catalogue:
                     c.execute("DELETE FROM images WHERE id = ?", old)
                     removed.append(old[0])
                 cur = c.execute(
-                    "INSERT INTO images(path, sha256, bytes, mtime, pid, camid, source, added_at, embedding)"
-                    " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r.path, r.sha256, r.bytes, r.mtime, r.pid, r.camid, r.source, now, v.tobytes()),
+                    f"INSERT INTO images({_RECORD_COLUMNS}, added_at, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (r.path, r.sha256, r.bytes, r.mtime, r.pid, r.camid, r.source, r.time, stamp, v.tobytes()),
                 )
                 added.append(cur.lastrowid)
             self._bump(added, removed)
@@ -244,12 +227,12 @@ class Catalogue:
         """Drop every row and set new meta (a rebuild with another model), in one transaction."""
         with self.write() as c:
             c.execute("DELETE FROM images")
-            self.set_many({**meta, "rows": "0", "id_digest": "0", "updated_at": _now()})
+            self.set_many({**meta, "rows": "0", "id_digest": "0", "updated_at": now()})
 
     def ids(self) -> np.ndarray:
         """All row ids, ascending (int64)."""
-        cur = self.conn.execute("SELECT id FROM images ORDER BY id")
-        return np.fromiter((r[0] for r in cur), dtype=np.int64)
+        rows = self.conn.execute("SELECT id FROM images ORDER BY id").fetchall()
+        return np.array([r[0] for r in rows], dtype=np.int64)
 
     def vectors(self, ids: np.ndarray | None = None, *, dim: int, chunk: int = 65536
                 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
@@ -274,20 +257,20 @@ class Catalogue:
                     yield self._unpack(rows, dim)
 
     def _unpack(self, rows: list[tuple[int, bytes]], dim: int) -> tuple[np.ndarray, np.ndarray]:
-        bad = [i for i, b in rows if len(b) != 4 * dim]
+        bad = [(i, len(b) // 4) for i, b in rows if len(b) != 4 * dim]
         if bad:
-            raise StoreError(f"{self.path}: row {bad[0]} holds an embedding of {len(rows[0][1]) // 4} values, "
-                             f"the index dimension is {dim}; rebuild with `reid index GALLERY --rebuild`")
+            raise StoreError(f"{self.path}: row {bad[0][0]} holds an embedding of {bad[0][1]} values, "
+                             f"the index dimension is {dim}; rebuild the index")
         ids = np.fromiter((i for i, _ in rows), dtype=np.int64, count=len(rows))
         vecs = np.frombuffer(b"".join(b for _, b in rows), dtype="<f4").reshape(len(rows), dim)
         return ids, vecs.astype(np.float32, copy=False)
 
-    def rows(self, ids: Iterable[int]) -> dict[int, Row]:
-        """id -> Row for the given ids (missing ids are absent)."""
+    def records(self, ids: Iterable[int]) -> dict[int, Record]:
+        """id -> Record for the given ids (missing ids are absent)."""
         ids = list(dict.fromkeys(int(i) for i in ids))
-        found: dict[int, Row] = {}
+        found: dict[int, Record] = {}
         for s in range(0, len(ids), 500):
             part = ids[s : s + 500]
-            q = f"SELECT id, path, pid, camid FROM images WHERE id IN ({','.join('?' * len(part))})"
-            found.update({r[0]: Row(*r) for r in self.conn.execute(q, part)})
+            q = f"SELECT id, {_RECORD_COLUMNS} FROM images WHERE id IN ({','.join('?' * len(part))})"
+            found.update({r[0]: Record(*r[1:]) for r in self.conn.execute(q, part)})
         return found

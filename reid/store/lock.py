@@ -11,7 +11,7 @@ import os
 import time
 from pathlib import Path
 
-from reid.errors import StoreError
+from reid.errors import GalleryBusyError
 
 LOCK_NAME = "writer.lock"
 
@@ -42,17 +42,17 @@ class WriterLock:
         return True
 
     def acquire(self, wait: float = 0.0) -> None:
-        """Take the lock, waiting up to ``wait`` seconds; StoreError naming the holder otherwise."""
+        """Take the lock, waiting up to ``wait`` seconds; GalleryBusyError naming the holder otherwise."""
         deadline = time.monotonic() + max(wait, 0.0)
         while not self.try_acquire():
             if time.monotonic() >= deadline:
                 holder = self.holder()
                 who = f"process {holder}" if holder else "another process"
+                where = str(self.path.parent)
                 if wait > 0:
-                    raise StoreError(f"index {self.path.parent} is still being written by {who} after "
-                                     f"waiting {wait:g} s; try again when it has finished")
-                raise StoreError(f"index {self.path.parent} is being written by {who}; wait for it to "
-                                 f"finish, or pass --wait SECONDS")
+                    raise GalleryBusyError(where, f"index {where} is still being written by {who} after "
+                                           f"waiting {wait:g} s; try again when it has finished", wait)
+                raise GalleryBusyError(where, f"index {where} is being written by {who}; wait for it to finish")
             time.sleep(0.1)
 
     def holder(self) -> int | None:

@@ -7,12 +7,13 @@ inner product is the cosine similarity.
 
 Exact search on CPU does not go through ``IndexFlat.search``: for one query FAISS skips BLAS
 (``queries x dim < distance_compute_blas_threshold``) and scans on one core, ~2x slower than a
-BLAS matrix-vector product. The product runs over a NumPy copy of the vectors, not over FAISS's own
-buffer: NumPy asks for transparent huge pages for large arrays and FAISS's ``malloc`` does not, and
-a memory-bound scan of 100k x 512 floats took 13.5 ms over 4 KiB pages against 7.0 ms over huge
-pages (``benchmarks/bench_index.py``). A flat index therefore keeps its rows in NumPy
-(:class:`FlatRows`); FAISS is its file format, read zero-copy from a memory map and written on save.
-The copy is made on the second search: a one-shot query scans the mapped file with FAISS instead.
+BLAS matrix-vector product. A flat index therefore keeps its rows in NumPy (``reid.store.flat``);
+FAISS is its file format, read zero-copy from a memory map and written on save. The copy is made on
+the second search: a one-shot query scans the mapped file with FAISS instead.
+
+Filters arrive as a mask over the stored rows (:meth:`VectorIndex.mask`) and are applied inside
+the search: the NumPy scan skips the dropped rows, FAISS kinds get an ``IDSelectorBitmap`` in their
+search parameters, and a mask keeping only a few rows is searched exactly over those rows.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import numpy as np
 from reid.atomic import atomic_path
 from reid.errors import StoreError
 from reid.store.catalogue import id_digest
+from reid.store.flat import FlatRows, empty_result, top_k
 
 log = logging.getLogger(__name__)
 
@@ -50,8 +52,10 @@ HNSW_M = 32
 HNSW_EF_CONSTRUCTION = 64
 HNSW_EF_SEARCH = 128
 
-# Exact search scores at most this many query x gallery similarities at a time (bounded memory).
-_FLAT_BLOCK = 1 << 25
+# A filtered approximate search that keeps at most this many rows scores them exactly instead
+# (gathered from the index's stored vectors; ~4 ms at 512-d): graph and list probing lose recall when
+# few rows qualify, and a small subset is cheap to scan.
+ANN_EXACT_MAX = 8192
 # Approximate search of fewer queries than this runs on one OpenMP thread: a single IVF/HNSW query is
 # sub-millisecond work, and on a busy 2-core machine two threads waiting on each other made one
 # query at 1M rows take 15 ms instead of 0.3 ms (benchmarks/bench_index.py).
@@ -105,55 +109,6 @@ def _pq_subquantizers(dim: int) -> int:
 # IVF-PQ index with its 2 GB of exact vectors took 1.5 s, mapping it 0.05 s). A FAISS build without
 # the flag reads the file into its own buffers instead.
 _MMAP_READ = getattr(faiss, "IO_FLAG_MMAP_IFC", 0)
-
-
-class FlatRows:
-    """The rows of an exact index in NumPy: a float32 matrix and its int64 ids, growing by doubling."""
-
-    def __init__(self, dim: int, vectors: np.ndarray | None = None, ids: np.ndarray | None = None) -> None:
-        self.dim = dim
-        self._xb = np.empty((0, dim), np.float32) if vectors is None else vectors
-        self._ids = np.empty(0, np.int64) if ids is None else ids
-        self.n = len(self._ids)
-
-    @property
-    def vectors(self) -> np.ndarray:
-        """float32 [n, dim], a view (do not modify)."""
-        return self._xb[: self.n]
-
-    @property
-    def ids(self) -> np.ndarray:
-        """int64 [n], a view (do not modify)."""
-        return self._ids[: self.n]
-
-    def add(self, ids: np.ndarray, vectors: np.ndarray) -> None:
-        need = self.n + len(ids)
-        if need > len(self._ids):
-            cap = max(need, 2 * len(self._ids), 1024)
-            xb, idv = np.empty((cap, self.dim), np.float32), np.empty(cap, np.int64)
-            xb[: self.n], idv[: self.n] = self.vectors, self.ids
-            self._xb, self._ids = xb, idv
-        self._xb[self.n : need], self._ids[self.n : need] = vectors, ids
-        self.n = need
-
-    def remove(self, ids: np.ndarray) -> None:
-        keep = np.flatnonzero(~np.isin(self.ids, ids))
-        self._xb[: len(keep)], self._ids[: len(keep)] = self.vectors[keep], self.ids[keep]
-        self.n = len(keep)
-
-    def to_faiss(self) -> faiss.IndexIDMap2:
-        """The same rows as a FAISS ``IndexIDMap2(IndexFlatIP)`` (a copy)."""
-        index = faiss.IndexIDMap2(faiss.IndexFlatIP(self.dim))
-        index.add_with_ids(self.vectors, self.ids)
-        return index
-
-    @classmethod
-    def from_faiss(cls, index: faiss.IndexIDMap2) -> "FlatRows":
-        """Copy the rows out of a FAISS flat index (into huge-page backed NumPy memory)."""
-        inner = faiss.downcast_index(index.index)
-        n, dim = int(index.ntotal), int(index.d)
-        xb = np.array(faiss.rev_swig_ptr(inner.get_xb(), n * dim), np.float32).reshape(n, dim) if n else None
-        return cls(dim, xb, faiss.vector_to_array(index.id_map).astype(np.int64))
 
 
 def _kind_of(index: faiss.Index) -> str:
@@ -325,38 +280,76 @@ class VectorIndex:
 
     # --- search -----------------------------------------------------------------------------
 
-    def search(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Top-k by inner product: (scores float32 [nq, k'], ids int64 [nq, k']), k' = min(k, ntotal)."""
+    def mask(self, ids: np.ndarray, dropped: bool = False) -> np.ndarray:
+        """bool [ntotal] over the stored rows: True for rows whose id is in ``ids`` (or, with ``dropped``,
+        for every row whose id is not); ids the index does not hold are ignored."""
+        held = self.ids()
+        ids = np.asarray(ids, dtype=np.int64)
+        keep = np.full(len(held), dropped, bool)
+        if len(held) == 0 or len(ids) == 0:
+            return keep
+        order = None if bool(np.all(held[1:] > held[:-1])) else np.argsort(held, kind="stable")
+        at = np.searchsorted(held, ids, sorter=order)
+        ok = at < len(held)
+        pos = at[ok] if order is None else order[at[ok]]
+        pos = pos[held[pos] == ids[ok]]
+        keep[pos] = not dropped
+        return keep
+
+    def search(self, queries: np.ndarray, k: int, keep: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """Top-k by inner product among the rows ``keep`` (a :meth:`mask`, None for all) lets through
+        -> (scores float32 [nq, k'], ids int64 [nq, k']), k' = min(k, rows kept); an approximate kind may
+        pad a row with id -1 where it found fewer."""
         queries = np.ascontiguousarray(queries, dtype=np.float32).reshape(-1, self.dim)
-        k = min(int(k), self.ntotal)
+        kept = self.ntotal if keep is None else int(np.count_nonzero(keep))
+        k = min(int(k), kept)
         if k <= 0 or len(queries) == 0:
-            return np.zeros((len(queries), 0), np.float32), np.zeros((len(queries), 0), np.int64)
+            return empty_result(len(queries))
         if self.kind != "flat":
+            if keep is not None and kept <= ANN_EXACT_MAX:  # few rows qualify: score them exactly
+                pos = np.flatnonzero(keep)
+                return top_k(queries, self._stored_vectors(pos), self.ids()[pos], k)
             with _omp_threads(1 if len(queries) < ANN_SINGLE_THREAD_BELOW else faiss.omp_get_max_threads()):
-                scores, ids = self.index.search(queries, k)
-            return scores, ids
-        if (self._gpu is not None or len(queries) >= GPU_MIN_QUERIES) and k <= GPU_MAX_K and faiss.get_num_gpus() > 0:
+                if keep is None:
+                    return self.index.search(queries, k)
+                return self._search_selected(queries, k, keep)
+        if keep is None and (self._gpu is not None or len(queries) >= GPU_MIN_QUERIES) and k <= GPU_MAX_K \
+                and faiss.get_num_gpus() > 0:
             return self._search_gpu(queries, k)  # pragma: no cover - needs a CUDA build and device
         if self._rows is None and not self._searched and len(queries) <= MAPPED_SEARCH_MAX_QUERIES:
             self._searched = True  # a one-shot query: search the mapped file as it is, copy nothing
-            return self.index.search(queries, k)
-        return self._search_flat_cpu(queries, k)
+            return self.index.search(queries, k) if keep is None else self._search_selected(queries, k, keep)
+        return self._search_flat_cpu(queries, k, keep)
 
-    def _search_flat_cpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def _search_flat_cpu(self, queries: np.ndarray, k: int, keep: np.ndarray | None = None
+                         ) -> tuple[np.ndarray, np.ndarray]:
         rows = self._flat()
-        xb, ids = rows.vectors, rows.ids
-        out_s = np.empty((len(queries), k), np.float32)
-        out_i = np.empty((len(queries), k), np.int64)
-        step = max(1, _FLAT_BLOCK // max(len(ids), 1))
-        for s in range(0, len(queries), step):
-            sims = queries[s : s + step] @ xb.T  # BLAS gemv/gemm on all cores
-            top = np.argpartition(-sims, k - 1, axis=1)[:, :k] if k < sims.shape[1] else \
-                np.broadcast_to(np.arange(sims.shape[1]), sims.shape).copy()
-            top_s = np.take_along_axis(sims, top, axis=1)
-            order = np.argsort(-top_s, axis=1, kind="stable")
-            out_s[s : s + step] = np.take_along_axis(top_s, order, axis=1)
-            out_i[s : s + step] = ids[np.take_along_axis(top, order, axis=1)]
-        return out_s, out_i
+        return top_k(queries, rows.vectors, rows.ids, k, keep)
+
+    def _search_selected(self, queries: np.ndarray, k: int, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """FAISS's own search of the inner index with an ``IDSelectorBitmap`` over storage positions."""
+        bits = np.packbits(keep, bitorder="little")
+        sel = faiss.IDSelectorBitmap(len(keep), faiss.swig_ptr(bits))
+        inner = faiss.downcast_index(self.index.index)
+        if self.kind == "hnsw":
+            params = faiss.SearchParametersHNSW(sel=sel, efSearch=inner.hnsw.efSearch)
+            base = None
+        elif self.kind == "ivfpq":
+            base = faiss.SearchParametersIVF(sel=sel, nprobe=faiss.extract_index_ivf(inner).nprobe)
+            params = faiss.IndexRefineSearchParameters(k_factor=inner.k_factor, base_index_params=base)
+        else:
+            params, base = faiss.SearchParameters(sel=sel), None
+        scores, pos = inner.search(queries, k, params=params)
+        del params, base, sel, bits  # alive until here: FAISS holds raw pointers to them
+        held = self.ids()
+        return scores, np.where(pos >= 0, held[np.clip(pos, 0, None)], -1)
+
+    def _stored_vectors(self, pos: np.ndarray) -> np.ndarray:
+        """float32 [len(pos), dim] of an approximate index's exact vectors at storage positions ``pos``."""
+        inner = faiss.downcast_index(self.index.index)
+        flat = faiss.downcast_index(inner.storage if self.kind == "hnsw" else inner.refine_index)
+        n, dim = int(flat.ntotal), int(flat.d)
+        return faiss.rev_swig_ptr(flat.get_xb(), n * dim).reshape(n, dim)[pos]
 
     def _search_gpu(self, queries: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:  # pragma: no cover
         rows = self._flat()
