@@ -120,7 +120,7 @@ def maxrss_bytes() -> int:
 
 def child(kind: str, folder: Path) -> None:
     """Run one measured job in this fresh process and print its numbers as JSON."""
-    from reid.metrics import evaluate_features, evaluate_ranking
+    from reid.evaluation import evaluate_features, evaluate_ranking
 
     extra = 500_000 - 15_913 if kind == "big" else 0
     q, g, qp, gp, qc, gc = market_features(folder, extra_distractors=extra)
@@ -131,7 +131,7 @@ def child(kind: str, folder: Path) -> None:
         elapsed, peak = time.perf_counter() - t, maxrss_bytes()
         info = {"mAP": r.mAP, "rank1": r.rank(1), "gallery": int(g.shape[0])}
     else:
-        from reid.rerank import re_rank
+        from reid.evaluation.rerank import re_rank
 
         d = re_rank(q, g)
         elapsed, peak = time.perf_counter() - t, maxrss_bytes()
@@ -162,7 +162,7 @@ def main() -> None:
         child(args.child, args.protocols)
         return
 
-    from reid.metrics import cosine_distance, evaluate_ranking
+    from reid.evaluation import cosine_distance, evaluate_ranking
 
     q, g, qp, gp, qc, gc = market_features(args.protocols)
     d = cosine_distance(q, g)

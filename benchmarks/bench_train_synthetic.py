@@ -70,7 +70,7 @@ def main() -> None:
     from reid.model import ModelConfig, build_model, load_checkpoint
     from reid.runtime import resolve_device
     from reid.train import TrainConfig, train
-    from reid.train.validate import evaluate_model
+    from reid.train.validate import validate
 
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -88,14 +88,15 @@ def main() -> None:
         print(f"{dataset!r}", file=sys.stderr)
 
         t = time.perf_counter()
-        untrained = evaluate_model(build_model(mc, pretrained=True), dataset, device=device, workers=args.workers)
+        untrained = validate(build_model(mc, pretrained=True), dataset, device=device, workers=args.workers)
         eval_s = time.perf_counter() - t
-        print(f"untrained: mAP {untrained['mAP']:.4f} rank-1 {untrained['rank1']:.4f} ({eval_s:.1f} s)", file=sys.stderr)
+        print(f"untrained: mAP {untrained['mAP']:.4f} rank-1 {untrained['rank1']:.4f} ({eval_s:.1f} s)",
+              file=sys.stderr)
 
         budget = args.minutes * 60
-        cfg = TrainConfig(batch_p=args.batch_p, batch_k=args.batch_k, lr=args.lr, backbone_lr_mult=args.backbone_lr_mult,
-                          warmup_epochs=args.warmup_epochs, precision=args.precision, seed=args.seed, epochs=1,
-                          eval_every=0)
+        cfg = TrainConfig(batch_p=args.batch_p, batch_k=args.batch_k, lr=args.lr,
+                          backbone_lr_mult=args.backbone_lr_mult, warmup_epochs=args.warmup_epochs,
+                          precision=args.precision, seed=args.seed, epochs=1, eval_every=0)
 
         def on_event(kind: str, info: dict) -> None:
             if kind == "epoch":
@@ -117,8 +118,8 @@ def main() -> None:
         result = train(dataset, run_dir, cfg, model_config=mc, device=device, workers=args.workers, resume=True,
                        max_seconds=max(left, 1.0), on_event=on_event)
         if "mAP" not in result.last:  # the budget was spent in the first epoch: score what there is
-            result.last.update(evaluate_model(load_checkpoint(run_dir / "last"), dataset, device=device,
-                                              workers=args.workers))
+            result.last.update(validate(load_checkpoint(run_dir / "last"), dataset, device=device,
+                                        workers=args.workers))
         wall = time.perf_counter() - t
         records = _records(run_dir)
         train_speed = sum(r["images"] for r in records) / sum(r["train_seconds"] for r in records)

@@ -7,9 +7,9 @@ colour order when writing. Nothing here needs matplotlib.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Mapping, Sequence
 
 import cv2
 import numpy as np

@@ -8,13 +8,13 @@ import pytest
 from typer.testing import CliRunner
 
 from cli import app
-from reid import feature_cache as fc
+from reid.evaluation import feature_cache as fc
 from reid import viz
 from reid.datasets import load
 from reid.synthetic import write_cuhk03_np, write_market1501
 from reid.synthetic.cuhk03 import write_cuhk03
 from reid.errors import DatasetError
-from reid.metrics import evaluate_cuhk03_classic, evaluate_ranking
+from reid.evaluation import evaluate_cuhk03_classic, evaluate_ranking
 from reid.model import ModelConfig, build_model, save_checkpoint
 
 TINY = ModelConfig(input_size=(64, 32), c_a=8, c_b=8, d_x=32, d_h=16, d_att=16, num_glimpses=1, embed_dim=32)
@@ -101,7 +101,7 @@ def test_market_json_equals_metrics_from_saved_features_then_cache_hit(tmp_path,
 
     # Second run, other options: the features come from the cache, nothing is embedded.
     _no_embedding(monkeypatch)
-    from reid.rerank import re_rank
+    from reid.evaluation.rerank import re_rank
 
     rep2 = run_json("market1501", "--root", market, "--weights", weights, *FAST, "--rerank", "--ap", "trapezoid")
     assert rep2["cache"] == "hit" and rep2["rerank"] and rep2["ap"] == "trapezoid"

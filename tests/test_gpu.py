@@ -112,12 +112,12 @@ def test_index_and_query_on_the_device(tmp_path):
 
 def test_evaluation_scores_as_on_the_cpu(tmp_path):
     from reid.synthetic import write_market1501
-    from reid.evaluate import evaluate
+    from reid.evaluation.evaluate import EvalOptions, evaluate
     from reid.model import ModelConfig, build_model
 
     write_market1501(tmp_path / "data", num_train_ids=2, num_test_ids=6, num_distractors=2, num_junk=1, cameras=2,
                      images_per_cam=2, seed=1, size=(64, 32))
     model = build_model(ModelConfig(**TINY), pretrained=False)
-    cpu = evaluate("market1501", tmp_path / "data", model=model, device="cpu", use_cache=False).report
-    dev = evaluate("market1501", tmp_path / "data", model=model, device=DEVICE, use_cache=False).report
+    cpu = evaluate("market1501", tmp_path / "data", EvalOptions(device="cpu", use_cache=False), model=model).report
+    dev = evaluate("market1501", tmp_path / "data", EvalOptions(device=DEVICE, use_cache=False), model=model).report
     assert dev["mAP"] == pytest.approx(cpu["mAP"], abs=0.02) and dev["num_queries"] == cpu["num_queries"]

@@ -1,19 +1,19 @@
-"""reid.metrics against plain per-query references (argsort + masks), hand-computed cases and edge cases."""
+"""reid.evaluation's metrics against plain per-query references (argsort + masks), hand-computed and edge cases."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import reid.metrics._ranks as ranks_mod
+import reid.evaluation._ranks as ranks_mod
 from reid.errors import InputError
-from reid.metrics import (
+from reid.evaluation import (
     cosine_distance,
     evaluate_cuhk03_classic,
     evaluate_features,
     evaluate_ranking,
 )
-from reid.metrics._ranks import float32_order_keys
+from reid.evaluation._ranks import float32_order_keys
 
 METHODS = ("auto", "candidates", "sort")
 
@@ -91,7 +91,7 @@ def random_case(seed: int):
 
 
 def has_valid_query(q_pids, g_pids, q_camids, g_camids):
-    return any(((g_pids == p) & (g_camids != c) & (g_pids != -1)).any() for p, c in zip(q_pids, q_camids))
+    return any(((g_pids == p) & (g_camids != c) & (g_pids != -1)).any() for p, c in zip(q_pids, q_camids, strict=True))
 
 
 # ----------------------------------------------------------------------------- Market-1501 protocol
@@ -214,7 +214,7 @@ def test_bad_inputs_raise_input_errors():
     ids = ([1, 2], [1, 2, 2], [0, 0], [1, 1, 1])
     with pytest.raises(InputError, match="g_pids has 3 entries but the distance matrix needs 4"):
         evaluate_ranking(np.zeros((2, 4)), *ids)
-    with pytest.raises(InputError, match="unknown AP"):
+    with pytest.raises(InputError, match="`ap` must be one of standard, trapezoid"):
         evaluate_ranking(d, *ids, ap="matlab")
     with pytest.raises(InputError, match="max_rank"):
         evaluate_ranking(d, *ids, max_rank=0)
@@ -354,7 +354,7 @@ def test_classic_with_junk_missing_ids_and_blocks(monkeypatch):
     gp[[0, 5]] = -1  # junk items are never drawn
     qp = qp.copy()
     qp[7] = 99  # a query whose identity is not in the gallery
-    import reid.metrics.cuhk03 as classic
+    import reid.evaluation.cuhk03 as classic
 
     monkeypatch.setattr(classic, "_DRAW_BLOCK", 30)  # a few queries per sampling block
     r = evaluate_cuhk03_classic(d, qp, gp, qc, gc, max_rank=15, repeats=3, seed=0)

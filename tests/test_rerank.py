@@ -1,13 +1,13 @@
-"""reid.rerank against a dense re-implementation of the authors' published re_ranking code."""
+"""reid.evaluation.rerank against a dense re-implementation of the authors' published re_ranking code."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
-import reid.rerank as rerank_mod
+import reid.evaluation.rerank as rerank_mod
 from reid.errors import InputError
-from reid.rerank import _expanded_weights, _neighbours, re_rank
+from reid.evaluation.rerank import _expanded_weights, _neighbours, re_rank
 
 
 def reference_re_ranking(q, g, k1, k2, lambda_value):
@@ -147,7 +147,7 @@ def test_medium_size_uses_the_shortcut_and_still_matches():
 
 
 def test_re_ranking_helps_on_clustered_data():
-    from reid.metrics import evaluate_ranking, cosine_distance
+    from reid.evaluation import evaluate_ranking, cosine_distance
 
     rng = np.random.default_rng(10)
     ids = np.arange(1, 31)
@@ -171,3 +171,17 @@ def test_bad_arguments():
     with pytest.raises(InputError, match="dims"):
         re_rank(q, g[:, :4])
     assert re_rank(q[:0], g).shape == (0, 5)
+
+
+@pytest.mark.parametrize("k1, k2", [(6, 3), (8, 1)])
+def test_jaccard_distances_equal_the_reference_encoding(k1, k2):
+    """Every item against every other: rows of the first part against the second are the reference's
+    query x gallery Jaccard distances (lambda 0) over the same items."""
+    from reid.evaluation.rerank import jaccard_distances
+
+    q, g = clustered(9, 14, 36)
+    got = jaccard_distances(np.concatenate([q, g]), k1=k1, k2=k2)
+    want, _, _ = reference_re_ranking(q, g, k1, k2, 0.0)
+    assert got.shape == (50, 50) and got.dtype == np.float32
+    np.testing.assert_allclose(got[:14, 14:], want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(got, got.T, atol=1e-5)

@@ -81,14 +81,14 @@ def test_workers_do_not_change_the_trajectory(tmp_path):
 def test_errors_for_existing_run_missing_run_and_other_data(tmp_path):
     ds = _write_tiny(tmp_path / "data")
     _run(ds, tmp_path / "run", epochs=1)
-    with pytest.raises(InputError, match="already holds a training run; pass --resume"):
+    with pytest.raises(InputError, match="already holds a training run; continue it with `resume=True`"):
         _run(ds, tmp_path / "run", epochs=1)
     with pytest.raises(CheckpointError, match="nothing to resume"):
         _run(ds, tmp_path / "empty", epochs=1, resume=True)
     other = _write_tiny(tmp_path / "other", seed=1, num_train_ids=9)
     with pytest.raises(CheckpointError, match="was trained on"):
         _run(other, tmp_path / "run", epochs=2, resume=True)
-    with pytest.raises(InputError, match="P=9 identities.*has 8; lower --batch-p"):
+    with pytest.raises(InputError, match="P=9 identities.*has 8; lower `batch_p`"):
         train(ds, tmp_path / "big", TrainConfig(batch_p=9, batch_k=2), pretrained=False, device="cpu")
     empty = dataclasses.replace(ds, train=[])
     with pytest.raises(DatasetError, match="no training images"):
@@ -98,18 +98,34 @@ def test_errors_for_existing_run_missing_run_and_other_data(tmp_path):
         _run(ds, tmp_path / "run", epochs=2, resume=True)
 
 
+def test_validation_scores_with_the_scorer_of_reid_evaluate(tmp_path):
+    from reid.evaluation.evaluate import EvalOptions, evaluate
+    from reid.model import ModelConfig, build_model
+    from reid.train.validate import validate
+
+    ds = _write_tiny(tmp_path / "data")
+    model = build_model(ModelConfig(**TINY_MODEL), pretrained=False)
+    got = validate(model, ds, device=torch.device("cpu"), workers=0, batch_size=32)
+    options = EvalOptions(batch_size=32, workers=0, device="cpu", use_cache=False)
+    report = evaluate("market1501", tmp_path / "data", options, model=model).report
+    assert set(got) == {"mAP", "mINP", "rank1", "rank5", "rank10", "rank20", "cmc", "num_queries", "num_valid_queries"}
+    assert got == {k: report[k] for k in got}
+    with pytest.raises(DatasetError, match="no query/gallery split to evaluate on; train it with `eval_every=0`"):
+        validate(model, dataclasses.replace(ds, query=[]), device=torch.device("cpu"), workers=0)
+
+
 @pytest.mark.slow
 def test_short_training_lowers_loss_and_raises_map(tmp_path):
     from reid.datasets import load
     from reid.synthetic import write_market1501
     from reid.model import ModelConfig, build_model
-    from reid.train.validate import evaluate_model
+    from reid.train.validate import validate
 
     write_market1501(tmp_path / "data", num_train_ids=16, num_test_ids=12, num_distractors=4, num_junk=2,
                      cameras=3, images_per_cam=2, size=(128, 64))
     ds = load("market1501", tmp_path / "data")
     mc = ModelConfig(input_size=(128, 64), d_x=64, d_h=32, d_att=32, embed_dim=128)
-    before = evaluate_model(build_model(mc, pretrained=True), ds, device=torch.device("cpu"), workers=0)
+    before = validate(build_model(mc, pretrained=True), ds, device=torch.device("cpu"), workers=0)
     cfg = TrainConfig(epochs=16, batch_p=8, batch_k=4, lr=3e-3, backbone_lr_mult=0.3, warmup_epochs=1, eval_every=16)
     result = train(ds, tmp_path / "run", cfg, model_config=mc, pretrained=True, device="cpu", workers=0)
     records = [json.loads(x) for x in (tmp_path / "run/metrics.jsonl").read_text().splitlines()]

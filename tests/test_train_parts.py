@@ -80,7 +80,7 @@ def test_plan_depends_only_on_seed_and_epoch():
 
 
 def test_sampler_errors():
-    with pytest.raises(InputError, match="P=11 identities.*has 10; lower --batch-p"):
+    with pytest.raises(InputError, match="P=11 identities.*has 10; lower `batch_p`"):
         PKSampler(_labels_uneven(), 11, 2)
     with pytest.raises(InputError, match="at least 1"):
         PKSampler(_labels_uneven(), 0, 2)
@@ -127,7 +127,7 @@ def test_erase_box_inside_bounds_and_area():
         box = erase_box(32, 16, rng)
         assert box is not None
         top, left, eh, ew = box
-        assert 0 <= top and top + eh <= 32 and 0 <= left and left + ew <= 16
+        assert top >= 0 and top + eh <= 32 and left >= 0 and left + ew <= 16
         assert 0 < eh < 32 and 0 < ew < 16
         assert eh * ew <= 0.4 * 32 * 16 * 1.5  # rounding slack on a small image
 
@@ -254,7 +254,7 @@ def test_train_transform_shape_range_and_seed():
     a = t(img, np.random.default_rng(7))
     b = t(img, np.random.default_rng(7))
     assert a.shape == (3, 64, 32) and a.dtype == np.float32
-    assert 0.0 <= a.min() and a.max() <= 1.0
+    assert a.min() >= 0.0 and a.max() <= 1.0
     np.testing.assert_array_equal(a, b)
     assert any(not np.array_equal(a, t(img, np.random.default_rng(s))) for s in range(8))
     assert TrainTransform(size=(256, 128)).pad_pixels == 10 and t.pad_pixels == 2

@@ -214,7 +214,7 @@ class MatchRanker:
         lo = np.empty(t.shape[0], dtype=np.int64)
         hi = np.empty_like(lo)
         bounds = np.flatnonzero(np.r_[True, rows[1:] != rows[:-1], True])
-        for a, b in zip(bounds[:-1], bounds[1:]):
+        for a, b in zip(bounds[:-1], bounds[1:], strict=True):
             lo[a:b] = np.searchsorted(w[rows[a]], t[a:b], "left")
             hi[a:b] = np.searchsorted(w[rows[a]], t[a:b], "right")
         # A match tied with other items (float32 ties are common): add the valid ones of lower index.

@@ -16,13 +16,22 @@ import logging
 import numpy as np
 
 from reid.errors import InputError
-from reid.metrics._ranks import MatchRanker, as_ids, build_protocol
-from reid.metrics.ranking import RankingResult, as_distmat, check_options, summarise
+from reid.evaluation._ranks import MatchRanker, as_ids, build_protocol
+from reid.evaluation.ranking import RankingResult, as_distmat, check_options, summarise
 
 log = logging.getLogger(__name__)
 
 # Queries are sampled in blocks of about this many (query, identity) draws, bounding memory.
 _DRAW_BLOCK = 1 << 22
+
+
+def check_sampling(repeats: int, seed: int) -> tuple[int, int]:
+    """Validate the draws' ``repeats`` and ``seed``; returns them as ints."""
+    if isinstance(repeats, bool) or int(repeats) != repeats or repeats < 1:
+        raise InputError(f"`repeats` must be a positive integer, got {repeats!r}")
+    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
+        raise InputError(f"`seed` must be a non-negative integer, got {seed!r}")
+    return int(repeats), int(seed)
 
 
 def evaluate_cuhk03_classic(
@@ -43,11 +52,7 @@ def evaluate_cuhk03_classic(
     give equal results; the seed and repeats are reported in the result.
     """
     max_rank = check_options(max_rank)
-    if isinstance(repeats, bool) or int(repeats) != repeats or repeats < 1:
-        raise InputError(f"repeats must be a positive integer, got {repeats!r}")
-    if isinstance(seed, bool) or int(seed) != seed or seed < 0:
-        raise InputError(f"seed must be a non-negative integer, got {seed!r}")
-    repeats, seed = int(repeats), int(seed)
+    repeats, seed = check_sampling(repeats, seed)
     d = as_distmat(distmat)
     protocol = build_protocol(q_pids, g_pids, q_camids, g_camids, shape=d.shape)
     ranker = MatchRanker(protocol)

@@ -1,80 +1,238 @@
-"""Dataset + model -> features (embedded once, cached) -> metrics -> a JSON-ready report.
+"""``reid evaluate``: dataset + model -> features (embedded once, cached) -> scores -> a JSON-ready report.
 
 Query and gallery images are embedded together, each distinct file once (CUHK03 classic uses the
 same images as queries and gallery). Features are cached on disk per (model fingerprint, flip,
 the files' paths/sizes/mtimes), so evaluating again with re-ranking or another AP mode is instant.
+The three steps are ``embed``, ``reid.evaluation.scorer.score`` and ``make_report``.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from reid.errors import DatasetError, InputError
-from reid.feature_cache import (
-    FeatureTable,
-    embed_files,
-    write_npz,
-)
+from reid.errors import InputError
+from reid.evaluation.feature_cache import FeatureTable, embed_files, write_npz
+from reid.evaluation.scorer import FeatureSet, Score, ScoreOptions, score
+
+if TYPE_CHECKING:
+    from reid.datasets import Dataset
+    from reid.model.identity import ModelRef
 
 log = logging.getLogger(__name__)
 
 RANKS = (1, 5, 10, 20)
 
 
-# --- features of one evaluation split ----------------------------------------------------------
+@dataclass(frozen=True)
+class EvalOptions:
+    """What an evaluation is asked besides the dataset and the model: which split(s), how to embed, how to score."""
+
+    variant: str | None = None  # cuhk03 / cuhk03-np: labeled or detected
+    protocol: str | None = None  # cuhk03: new or classic
+    split: int | None = None  # cuhk03 classic: one split (default: all of them, mean and std)
+    flip: bool = False
+    batch_size: int = 32
+    workers: int | None = None
+    device: str = "auto"
+    use_cache: bool = True
+    scoring: ScoreOptions = field(default_factory=ScoreOptions)
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
+            raise InputError(f"`batch_size` must be >= 1 and `workers` >= 0, got {self.batch_size} and {self.workers}")
+
+    def replace(self, **changes) -> EvalOptions:
+        """A copy with some fields changed."""
+        return dataclasses.replace(self, **changes)
 
 
-@dataclass
-class FeatureSet:
-    """Query and gallery features with identities, cameras and paths: all the metrics need."""
+@dataclass(eq=False)
+class Evaluation:
+    """Everything one evaluation produced: its datasets, model identity, features and scores; ``report`` sums it up."""
 
-    query_features: np.ndarray
-    gallery_features: np.ndarray
-    query_pids: np.ndarray
-    gallery_pids: np.ndarray
-    query_camids: np.ndarray
-    gallery_camids: np.ndarray
-    query_paths: list[str]
-    gallery_paths: list[str]
+    root: str
+    datasets: list[tuple[int | None, Dataset]]  # (CUHK03 classic split or None, its dataset)
+    ref: ModelRef  # the evaluated model's identity
+    options: EvalOptions
+    table: FeatureTable
+    cache: str  # "hit" | "miss" | "off"
+    sets: list[FeatureSet]
+    scores: list[Score]
+    timings: dict[str, float]
+    model: object = None  # the evaluated model (for attention pictures)
+
+    @property
+    def classic(self) -> bool:
+        """True for the CUHK03 classic protocol (sampled single-gallery-shot CMC, one score per split)."""
+        from reid.datasets import PROTOCOL_CUHK03_CLASSIC
+
+        return self.datasets[0][1].protocol == PROTOCOL_CUHK03_CLASSIC
+
+    @property
+    def splits(self) -> list[int] | None:
+        """The CUHK03 classic split of each feature set (None for other protocols)."""
+        return [k for k, _ in self.datasets] if self.classic else None
+
+    @property
+    def cmc(self) -> np.ndarray:
+        """The CMC, averaged over the splits."""
+        return np.mean([np.asarray(s.result.cmc, dtype=np.float64) for s in self.scores], axis=0)
+
+    @property
+    def distmat(self) -> np.ndarray | None:
+        """The re-ranked distances of the first split, when re-ranking."""
+        return self.scores[0].distmat
+
+    @cached_property
+    def report(self) -> dict:
+        """The JSON-ready report (see ``make_report``)."""
+        return make_report(self)
 
 
-def _side(samples, table: FeatureTable) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[str]]:
-    rows = table.rows([s.path for s in samples])
-    keep = rows >= 0
-    kept = [s for s, k in zip(samples, keep) if k]
-    dim = table.features.shape[1] if table.features.ndim == 2 else 0
-    feats = table.features[rows[keep]] if kept else np.zeros((0, dim), np.float32)
-    return (
-        feats,
-        np.array([s.pid for s in kept], dtype=np.int64),
-        np.array([s.camid for s in kept], dtype=np.int64),
-        [str(s.path) for s in kept],
-    )
+# --- the steps ---------------------------------------------------------------------------------
 
 
-def feature_set(dataset, table: FeatureTable) -> FeatureSet:
-    """Pick a dataset's query and gallery rows out of the table (files that failed to decode dropped)."""
-    qf, qp, qc, qpaths = _side(dataset.query, table)
-    gf, gp, gc, gpaths = _side(dataset.gallery, table)
-    if len(qpaths) == 0 or len(gpaths) == 0:
-        raise DatasetError(
-            f"{dataset.name}: no usable {'query' if not qpaths else 'gallery'} images "
-            f"({len(table.failures)} files failed to decode); check the dataset files"
-        )
-    return FeatureSet(qf, gf, qp, gp, qc, gc, qpaths, gpaths)
+def load_datasets(name: str, root: str | Path, *, variant: str | None = None, protocol: str | None = None,
+                  split: int | None = None) -> list[tuple[int | None, Dataset]]:
+    """The dataset(s) to evaluate: one, or every CUHK03 classic split when no ``split`` is given."""
+    from reid.datasets import PROTOCOL_CUHK03_CLASSIC, load
+
+    options = {k: v for k, v in {"variant": variant, "protocol": protocol, "split": split}.items() if v is not None}
+    first = load(name, root, **options)
+    if first.protocol != PROTOCOL_CUHK03_CLASSIC:
+        return [(None, first)]
+    if split is not None:
+        return [(split, first)]
+    count = first.info.get("num_splits")
+    if count is None:
+        from reid.datasets.cuhk03 import MAT_RELPATH
+        from reid.datasets.cuhk03_extract import read_classic_info
+
+        count = len(read_classic_info(Path(first.info["root"]) / MAT_RELPATH, first.info["variant"]).testsets)
+    return [(0, first)] + [(s, load(name, root, **{**options, "split": s})) for s in range(1, int(count))]
+
+
+def embed(model, fingerprint: str, datasets: list[tuple[int | None, Dataset]], options: EvalOptions,
+          progress: Callable[[int, int], None] | None = None) -> tuple[FeatureTable, str]:
+    """Features of every query and gallery file of ``datasets`` (each file once, through the cache)."""
+    from reid.runtime import resolve_device
+
+    paths = [str(s.path) for _, d in datasets for s in (*d.query, *d.gallery)]
+    return embed_files(model, paths, fingerprint=fingerprint, flip=options.flip, batch_size=options.batch_size,
+                       workers=options.workers, device=resolve_device(options.device), use_cache=options.use_cache,
+                       progress=progress)
+
+
+def make_report(ev: Evaluation) -> dict:
+    """What was evaluated, how, the scores (mean and std over CUHK03 classic splits), cache state and timings."""
+    first, o = ev.datasets[0][1], ev.options
+    summaries = [s.summary() for s in ev.scores]
+    report = {
+        "dataset": first.name,
+        "root": ev.root,
+        "protocol": first.info.get("protocol", "standard"),
+        "variant": first.info.get("variant"),
+        "split": ev.datasets[0][0] if len(ev.datasets) == 1 else None,
+        "fingerprint": ev.ref.fingerprint,
+        "weights": ev.ref.source,
+        "flip": o.flip,
+        "rerank": o.scoring.rerank,
+        "ap": "standard" if ev.classic else o.scoring.ap,
+        **summaries[0],
+        "num_gallery": len(ev.sets[0].gallery_paths),
+        "num_images_embedded": len(ev.table.paths),
+        "num_images_failed": len(ev.table.failures),
+        "cache": ev.cache,
+        "timings": ev.timings,
+    }
+    if ev.classic:
+        report.update(seed=o.scoring.seed, repeats=o.scoring.repeats)
+    if len(summaries) > 1:
+        _aggregate(report, summaries, ev.sets, [k for k, _ in ev.datasets])
+    return report
+
+
+def _aggregate(report: dict, summaries: list[dict], sets: list[FeatureSet], splits: list) -> None:
+    """Several splits (CUHK03 classic): mean and std of each number, summed counts, per-split details."""
+    for key in ("mAP", "mINP", *(f"rank{k}" for k in RANKS)):
+        if key in summaries[0]:
+            vals = np.array([s[key] for s in summaries], dtype=np.float64)
+            report[key], report[f"{key}_std"] = float(vals.mean()), float(vals.std())
+    cmcs = np.array([s["cmc"] for s in summaries], dtype=np.float64)
+    report["cmc"], report["cmc_std"] = cmcs.mean(axis=0).tolist(), cmcs.std(axis=0).tolist()
+    report["num_queries"] = sum(s["num_queries"] for s in summaries)
+    report["num_valid_queries"] = sum(s["num_valid_queries"] for s in summaries)
+    report["num_gallery"] = sum(len(fs.gallery_paths) for fs in sets)
+    report["splits"] = [{"split": k, **s} for k, s in zip(splits, summaries, strict=True)]
+
+
+class _Laps:
+    """Seconds spent in each step, keyed by name, plus the total."""
+
+    def __init__(self) -> None:
+        self.timings: dict[str, float] = {}
+        self._start = self._tick = time.perf_counter()
+
+    def __call__(self, key: str) -> None:
+        now = time.perf_counter()
+        self.timings[key] = round(now - self._tick, 4)
+        self._tick = now
+
+    def done(self) -> dict[str, float]:
+        self.timings["total_s"] = round(time.perf_counter() - self._start, 4)
+        return self.timings
+
+
+def evaluate(
+    name: str,
+    root: str | Path,
+    options: EvalOptions = EvalOptions(),
+    *,
+    weights: str | Path | None = None,
+    model=None,
+    progress: Callable[[int, int], None] | None = None,
+) -> Evaluation:
+    """Evaluate a model (``model``, or loaded from ``weights``) on a dataset's standard protocol.
+
+    embed -> score -> report; ``progress(done, total)`` follows the embedding.
+    """
+    from reid.model.identity import ModelRef
+
+    laps = _Laps()
+    datasets = load_datasets(name, root, variant=options.variant, protocol=options.protocol, split=options.split)
+    laps("load_s")
+    model, ref = ModelRef.load(weights) if model is None else (model, ModelRef.of(model))
+    laps("model_s")
+    table, cache = embed(model, ref.fingerprint, datasets, options, progress)
+    laps("embed_s")
+    protocol = datasets[0][1].protocol
+    sets = [FeatureSet.from_table(d, table) for _, d in datasets]
+    scores = [score(fs, protocol=protocol, options=options.scoring) for fs in sets]
+    laps("metric_s")
+    ev = Evaluation(str(root), datasets, ref, options, table, cache, sets, scores, laps.done(), model)
+    t = ev.timings
+    log.info("evaluated %s in %.1f s (embedding %.1f s, metrics %.1f s, cache %s)", name, t["total_s"], t["embed_s"],
+             t["metric_s"], cache)
+    return ev
+
+
+# --- what else the CLI writes ------------------------------------------------------------------
 
 
 def check_features_path(path: str | Path) -> Path:
     """Fail early (InputError) when ``path`` is not a ``.npz`` name in an existing folder."""
     path = Path(path)
     if path.suffix.lower() != ".npz":
-        raise InputError(f"--save-features must name a .npz file, got {path}")
+        raise InputError(f"features are saved as .npz, not {path}")
     if not path.parent.is_dir():
         raise InputError(f"cannot write {path}: folder {path.parent} does not exist; create it first")
     return path
@@ -97,188 +255,23 @@ def save_features(path: str | Path, sets: Sequence[FeatureSet], splits: Sequence
         "gallery_paths": np.array([p for s in sets for p in s.gallery_paths], dtype=np.str_),
     }
     if splits is not None:
-        arrays["query_split"] = np.concatenate([np.full(len(s.query_paths), k) for s, k in zip(sets, splits)])
-        arrays["gallery_split"] = np.concatenate([np.full(len(s.gallery_paths), k) for s, k in zip(sets, splits)])
+        pairs = list(zip(sets, splits, strict=True))
+        arrays["query_split"] = np.concatenate([np.full(len(s.query_paths), k) for s, k in pairs])
+        arrays["gallery_split"] = np.concatenate([np.full(len(s.gallery_paths), k) for s, k in pairs])
     return write_npz(path, arrays)
-
-
-# --- the evaluation ----------------------------------------------------------------------------
-
-
-@dataclass
-class Evaluation:
-    """The report (JSON-ready), the features of each evaluated split, the mean CMC and re-ranked distances."""
-
-    report: dict
-    sets: list[FeatureSet]
-    splits: list[int] | None
-    cmc: np.ndarray
-    distmat: np.ndarray | None = None  # re-ranked distances of sets[0], when re-ranking
-    model: object = None  # the evaluated model (for attention pictures)
-
-
-def load_datasets(name: str, root: str | Path, *, variant: str | None = None, protocol: str | None = None,
-                  split: int | None = None) -> list[tuple[int | None, object]]:
-    """The dataset(s) to evaluate: one, or every CUHK03 classic split when no ``split`` is given."""
-    from reid.datasets import PROTOCOL_CUHK03_CLASSIC, load
-
-    options = {k: v for k, v in {"variant": variant, "protocol": protocol, "split": split}.items() if v is not None}
-    first = load(name, root, **options)
-    if first.protocol != PROTOCOL_CUHK03_CLASSIC:
-        return [(None, first)]
-    if split is not None:
-        return [(split, first)]
-    count = first.info.get("num_splits")
-    if count is None:
-        from reid.datasets.cuhk03 import MAT_RELPATH
-        from reid.datasets.cuhk03_extract import read_classic_info
-
-        count = len(read_classic_info(Path(first.info["root"]) / MAT_RELPATH, first.info["variant"]).testsets)
-    return [(0, first)] + [(s, load(name, root, **{**options, "split": s})) for s in range(1, int(count))]
-
-
-def score(fs: FeatureSet, *, classic: bool, rerank: bool, ap: str, max_rank: int, seed: int, repeats: int):
-    """Metrics of one split -> (RankingResult, re-ranked distance matrix or None)."""
-    from reid import metrics
-
-    ids = (fs.query_pids, fs.gallery_pids, fs.query_camids, fs.gallery_camids)
-    distmat = None
-    if rerank:
-        from reid.rerank import re_rank
-
-        distmat = re_rank(fs.query_features, fs.gallery_features)
-    if classic:
-        dist = distmat if distmat is not None else metrics.cosine_distance(fs.query_features, fs.gallery_features)
-        return metrics.evaluate_cuhk03_classic(dist, *ids, max_rank=max_rank, repeats=repeats, seed=seed), distmat
-    if distmat is not None:
-        return metrics.evaluate_ranking(distmat, *ids, max_rank=max_rank, ap=ap), distmat
-    return metrics.evaluate_features(fs.query_features, fs.gallery_features, *ids, max_rank=max_rank, ap=ap), None
-
-
-def _summary(r) -> dict:
-    """A RankingResult's numbers (mAP, mINP, rank-k, CMC, query counts) without its protocol labels."""
-    return {k: v for k, v in r.to_dict().items() if k not in ("protocol", "ap", "seed", "repeats")}
-
-
-def _aggregate(report: dict, summaries: list[dict], sets: list[FeatureSet], splits: list) -> None:
-    """Several splits (CUHK03 classic): mean and std of each number, summed counts, per-split details."""
-    for key in ("mAP", "mINP", *(f"rank{k}" for k in RANKS)):
-        if key in summaries[0]:
-            vals = np.array([s[key] for s in summaries], dtype=np.float64)
-            report[key], report[f"{key}_std"] = float(vals.mean()), float(vals.std())
-    cmcs = np.array([s["cmc"] for s in summaries], dtype=np.float64)
-    report["cmc"], report["cmc_std"] = cmcs.mean(axis=0).tolist(), cmcs.std(axis=0).tolist()
-    report["num_queries"] = sum(s["num_queries"] for s in summaries)
-    report["num_valid_queries"] = sum(s["num_valid_queries"] for s in summaries)
-    report["num_gallery"] = sum(len(fs.gallery_paths) for fs in sets)
-    report["splits"] = [{"split": k, **s} for k, s in zip(splits, summaries)]
-
-
-def evaluate(
-    name: str,
-    root: str | Path,
-    *,
-    weights: str | Path | None = None,
-    model=None,
-    variant: str | None = None,
-    protocol: str | None = None,
-    split: int | None = None,
-    rerank: bool = False,
-    ap: str = "standard",
-    flip: bool = False,
-    batch_size: int = 32,
-    workers: int | None = None,
-    device: str = "auto",
-    use_cache: bool = True,
-    max_rank: int = 50,
-    seed: int = 0,
-    repeats: int = 10,
-    progress: Callable[[int, int], None] | None = None,
-) -> Evaluation:
-    """Evaluate a model on a dataset's standard protocol; see the module docstring for the flow."""
-    from reid.datasets import PROTOCOL_CUHK03_CLASSIC
-    from reid.metrics import AP_MODES
-    from reid.model.identity import ModelRef
-    from reid.runtime import resolve_device
-
-    if ap not in AP_MODES:
-        raise InputError(f"--ap must be one of {', '.join(AP_MODES)}, got {ap!r}")
-    if batch_size < 1 or (workers is not None and workers < 0):
-        raise InputError("--batch-size must be >= 1 and --workers >= 0")
-    timings: dict[str, float] = {}
-    t0 = tick = time.perf_counter()
-
-    def lap(key: str) -> None:
-        nonlocal tick
-        now = time.perf_counter()
-        timings[key] = round(now - tick, 4)
-        tick = now
-
-    datasets = load_datasets(name, root, variant=variant, protocol=protocol, split=split)
-    lap("load_s")
-    dev = resolve_device(device)
-    model, ref = ModelRef.load(weights) if model is None else (model, ModelRef.of(model))
-    fingerprint = ref.fingerprint
-    lap("model_s")
-    paths = [str(s.path) for _, d in datasets for s in (*d.query, *d.gallery)]
-    table, cache = embed_files(model, paths, fingerprint=fingerprint, flip=flip, batch_size=batch_size,
-                               workers=workers, device=dev, use_cache=use_cache, progress=progress)
-    lap("embed_s")
-    classic = datasets[0][1].protocol == PROTOCOL_CUHK03_CLASSIC
-    sets, results, distmat = [], [], None
-    for i, (_, d) in enumerate(datasets):
-        fs = feature_set(d, table)
-        r, dm = score(fs, classic=classic, rerank=rerank, ap=ap, max_rank=max_rank, seed=seed, repeats=repeats)
-        sets.append(fs)
-        results.append(r)
-        distmat = dm if i == 0 else distmat
-    lap("metric_s")
-    timings["total_s"] = round(time.perf_counter() - t0, 4)
-
-    summaries = [_summary(r) for r in results]
-    first = datasets[0][1]
-    report = {
-        "dataset": first.name,
-        "root": str(root),
-        "protocol": first.info.get("protocol", "standard"),
-        "variant": first.info.get("variant"),
-        "split": datasets[0][0] if len(datasets) == 1 else None,
-        "fingerprint": fingerprint,
-        "weights": ref.source,
-        "flip": flip,
-        "rerank": rerank,
-        "ap": "standard" if classic else ap,
-        **summaries[0],
-        "num_gallery": len(sets[0].gallery_paths),
-        "num_images_embedded": len(table.paths),
-        "num_images_failed": len(table.failures),
-        "cache": cache,
-        "timings": timings,
-    }
-    if classic:
-        report.update(seed=seed, repeats=repeats)
-    if len(results) > 1:
-        _aggregate(report, summaries, sets, [k for k, _ in datasets])
-    log.info("evaluated %s in %.1f s (embedding %.1f s, metrics %.1f s, cache %s)", name, timings["total_s"],
-             timings["embed_s"], timings["metric_s"], cache)
-    cmc = np.mean([np.asarray(r.cmc, dtype=np.float64) for r in results], axis=0)
-    return Evaluation(report, sets, [k for k, _ in datasets] if classic else None, cmc, distmat, model)
 
 
 def rank_picture(ev: Evaluation, *, num_queries: int = 8, top: int = 10, seed: int = 0,
                  attention: bool = False) -> np.ndarray:
-    """Top-``top`` lists of ``num_queries`` queries sampled (seeded) from the first split; optional attention overlays."""
+    """Top-``top`` lists of ``num_queries`` queries sampled (seeded) from the first split, optionally with
+    attention overlays."""
+    from reid.evaluation.ranking import cosine_distance
     from reid.viz import attention_painter, draw_rank_lists
 
     fs = ev.sets[0]
     rng = np.random.default_rng(seed)
     sel = np.sort(rng.choice(len(fs.query_paths), size=min(num_queries, len(fs.query_paths)), replace=False))
-    if ev.distmat is not None:
-        dist = ev.distmat[sel]
-    else:
-        from reid.metrics import cosine_distance
-
-        dist = cosine_distance(fs.query_features[sel], fs.gallery_features)
+    dist = ev.distmat[sel] if ev.distmat is not None else cosine_distance(fs.query_features[sel], fs.gallery_features)
     return draw_rank_lists([fs.query_paths[i] for i in sel], fs.gallery_paths, fs.query_pids[sel], fs.gallery_pids,
                            fs.query_camids[sel], fs.gallery_camids, dist, top=top,
                            paint=attention_painter(ev.model) if attention else None)

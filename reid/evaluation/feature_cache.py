@@ -13,9 +13,9 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
 
 import numpy as np
 
@@ -58,6 +58,12 @@ class FeatureTable:
     features: np.ndarray
     failures: list[tuple[str, str]] = field(default_factory=list)
 
+    @classmethod
+    def of(cls, paths: Sequence[str | Path], features: np.ndarray,
+           failures: Sequence[tuple[str | Path, str]] = ()) -> FeatureTable:
+        """A table from ``reid.embed.embed_paths`` output (paths kept as strings, as the cache stores them)."""
+        return cls([str(p) for p in paths], features, [(str(p), reason) for p, reason in failures])
+
     def covered(self) -> set[str]:
         """Every path the table accounts for: embedded or failed."""
         return set(self.paths) | {p for p, _ in self.failures}
@@ -77,7 +83,7 @@ def load_cached(path: Path) -> FeatureTable | None:
             table = FeatureTable(
                 paths=[str(p) for p in z["paths"]],
                 features=np.ascontiguousarray(z["features"], dtype=np.float32),
-                failures=list(zip((str(p) for p in z["failed_paths"]), (str(r) for r in z["failed_reasons"]))),
+                failures=[(str(p), str(r)) for p, r in zip(z["failed_paths"], z["failed_reasons"], strict=True)],
             )
     except Exception as e:  # noqa: BLE001 - a corrupt cache entry is recomputed, never fatal
         log.warning("ignoring unreadable feature cache %s (%s)", path, e)
@@ -123,11 +129,9 @@ def embed_files(
 
     unique = list(dict.fromkeys(str(p) for p in paths))
     entry = cache_dir() / f"{feature_cache_key(fingerprint, flip, unique)}.npz" if use_cache else None
-    if entry is not None:
-        cached = load_cached(entry)
-        if cached is not None and cached.covered() == set(unique):
-            log.info("feature cache hit: %s", entry)
-            return cached, "hit"
+    cached = _cached(entry, unique)
+    if cached is not None:
+        return cached, "hit"
     done = 0
 
     def advance(n: int) -> None:
@@ -137,18 +141,17 @@ def embed_files(
             progress(done, len(unique))
 
     partial = entry.with_name(entry.stem + ".partial.npz") if entry is not None else None
-    resumed = load_cached(partial) if partial is not None and partial.is_file() else None
-    already = resumed.covered() if resumed is not None else set()
-    parts = [resumed] if already and already <= set(unique) else []
+    parts = _resumed(partial, unique)
+    already = parts[0].covered() if parts else set()
     if parts:
         log.info("resuming an interrupted embedding: %d of %d files done", len(already), len(unique))
         advance(len(already))
-    todo = [p for p in unique if p not in already] if parts else unique
+    todo = [p for p in unique if p not in already]
     saving, last_save = partial is not None, time.monotonic()
 
     def keep(batch_paths: list[Path], features: np.ndarray, failures: list[tuple[Path, str]]) -> None:
         nonlocal saving, last_save
-        parts.append(FeatureTable([str(p) for p in batch_paths], features, [(str(p), r) for p, r in failures]))
+        parts.append(FeatureTable.of(batch_paths, features, failures))
         if saving and time.monotonic() - last_save >= PARTIAL_SAVE_SECONDS:
             saving = _save_quietly(partial, _merge(parts))  # after one warning, no more tries this run
             last_save = time.monotonic()
@@ -161,11 +164,34 @@ def embed_files(
             _save_quietly(partial, _merge(parts))  # the next run starts from here
         raise
     table = _merge(parts) if parts else FeatureTable([], np.zeros((0, getattr(model, "embed_dim", 0)), np.float32))
-    if entry is not None and _save_quietly(entry, table):
+    if entry is None:
+        return table, "off"
+    _store(entry, partial, table)
+    return table, "miss"
+
+
+def _cached(entry: Path | None, unique: list[str]) -> FeatureTable | None:
+    """The cache entry's table when it covers exactly these files."""
+    cached = load_cached(entry) if entry is not None else None
+    if cached is None or cached.covered() != set(unique):
+        return None
+    log.info("feature cache hit: %s", entry)
+    return cached
+
+
+def _resumed(partial: Path | None, unique: list[str]) -> list[FeatureTable]:
+    """What an interrupted run with the same key embedded (its ``.partial.npz``), when it covers only these files."""
+    resumed = load_cached(partial) if partial is not None and partial.is_file() else None
+    already = resumed.covered() if resumed is not None else set()
+    return [resumed] if already and already <= set(unique) else []
+
+
+def _store(entry: Path, partial: Path, table: FeatureTable) -> None:
+    """Write the finished entry; the interrupted run's partial one is then spent."""
+    if _save_quietly(entry, table):
         log.info("feature cache written: %s", entry)
         with contextlib.suppress(OSError):
             partial.unlink(missing_ok=True)
-    return table, "miss" if entry is not None else "off"
 
 
 def _merge(parts: list[FeatureTable]) -> FeatureTable:

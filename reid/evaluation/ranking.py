@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from reid.errors import InputError
-from reid.metrics._ranks import MatchRanker, Protocol, build_protocol
+from reid.evaluation._ranks import MatchRanker, Protocol, build_protocol
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +70,7 @@ class RankingResult:
 def check_options(max_rank: int, ap: str = "standard") -> int:
     """Validate ``max_rank`` and ``ap``; returns max_rank as an int."""
     if ap not in AP_MODES:
-        raise InputError(f"unknown AP definition {ap!r}; expected one of: {', '.join(AP_MODES)}")
+        raise InputError(f"`ap` must be one of {', '.join(AP_MODES)}, got {ap!r}")
     if isinstance(max_rank, bool) or int(max_rank) != max_rank or max_rank < 1:
         raise InputError(f"max_rank must be a positive integer, got {max_rank!r}")
     return int(max_rank)

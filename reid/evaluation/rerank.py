@@ -27,8 +27,8 @@ import numpy as np
 from scipy import sparse
 
 from reid.errors import InputError
-from reid.metrics._ranks import float32_order_keys
-from reid.metrics.ranking import unit_rows
+from reid.evaluation._ranks import float32_order_keys
+from reid.evaluation.ranking import unit_rows
 
 log = logging.getLogger(__name__)
 
@@ -54,11 +54,7 @@ def re_rank(q_feats, g_feats, *, k1: int = 20, k2: int = 6, lambda_value: float 
     if nq == 0 or ng == 0:
         return np.zeros((nq, ng), dtype=np.float32)
     x = np.concatenate([q, g]).astype(np.float32, copy=False)
-    n = x.shape[0]
-    k_main = min(k1 + 1, n)
-    k_half = min(int(np.around(k1 / 2)) + 1, n)
-    k_qe = min(k2, n)
-    knn, row_max, final = _neighbours(x, nq, max(k_main, k_qe))
+    knn, row_max, final, ks = _neighbours_for(x, nq, k1, k2)
     # final holds the query x gallery cosine similarities; turn them into the original distance.
     final *= np.float32(-2.0)
     final += np.float32(2.0)
@@ -66,11 +62,40 @@ def re_rank(q_feats, g_feats, *, k1: int = 20, k2: int = 6, lambda_value: float 
     final /= row_max[:nq, None]
     if float(lambda_value) == 1.0:
         return final
+    _blend_jaccard(_encoding(x, knn, row_max, ks), nq, final, float(lambda_value))
+    return final
+
+
+def jaccard_distances(features, *, k1: int = 20, k2: int = 6) -> np.ndarray:
+    """N x N k-reciprocal Jaccard distance (float32) among one set of features: the re-ranking encoding
+    of every item against every other, as cluster-contrast adaptation clusters on (dense: N up to ~20k)."""
+    k1, k2 = _positive_int(k1, "k1"), _positive_int(k2, "k2")
+    x = unit_rows(features, "features").astype(np.float32, copy=False)
+    n = x.shape[0]
+    if n == 0:
+        return np.zeros((0, 0), dtype=np.float32)
+    knn, row_max, _, ks = _neighbours_for(x, 0, k1, k2)
+    v = _encoding(x, knn, row_max, ks)
+    out = np.zeros((n, n), dtype=np.float32)
+    _blend_jaccard(sparse.vstack([v, v]).tocsr(), n, out, 0.0)  # every row against every row
+    return np.clip(out, 0.0, 1.0, out=out)  # rounding leaves -1e-7 on the diagonal
+
+
+def _neighbours_for(x: np.ndarray, nq: int, k1: int, k2: int):
+    """Neighbour lists for re-ranking parameters k1, k2 -> (knn, row_max, query x gallery sims, ks)."""
+    n = x.shape[0]
+    ks = (min(k1 + 1, n), min(int(np.around(k1 / 2)) + 1, n), min(k2, n), k2)  # main, half, expansion, k2
+    knn, row_max, sims = _neighbours(x, nq, max(ks[0], ks[2]))
+    return knn, row_max, sims, ks
+
+
+def _encoding(x: np.ndarray, knn: np.ndarray, row_max: np.ndarray, ks) -> sparse.csr_matrix:
+    """V: the k-reciprocal encoding of every item, with local query expansion unless k2 is 1."""
+    k_main, k_half, k_qe, k2 = ks
     v = _expanded_weights(x, knn, row_max, k_main, k_half)
     if k2 != 1:
-        v = _query_expansion(knn, k_qe, n) @ v
-    _blend_jaccard(v.tocsr(), nq, final, float(lambda_value))
-    return final
+        v = _query_expansion(knn, k_qe, x.shape[0]) @ v
+    return v.tocsr()
 
 
 def _positive_int(value, name: str) -> int:

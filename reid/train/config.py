@@ -44,15 +44,15 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         if self.epochs < 1:
-            raise InputError(f"--epochs must be at least 1 (got {self.epochs})")
+            raise InputError(f"`epochs` must be at least 1 (got {self.epochs})")
         if self.lr <= 0:
-            raise InputError(f"--lr must be positive (got {self.lr})")
+            raise InputError(f"`lr` must be positive (got {self.lr})")
         if self.schedule not in SCHEDULES:
-            raise InputError(f"unknown --schedule {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}")
+            raise InputError(f"unknown `schedule` {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
-            raise InputError(f"unknown --precision {self.precision!r}; expected one of: {', '.join(PRECISIONS)}")
+            raise InputError(f"unknown `precision` {self.precision!r}; expected one of: {', '.join(PRECISIONS)}")
         if self.eval_every < 0:
-            raise InputError("--eval-every must be >= 0 (0 = never evaluate)")
+            raise InputError(f"`eval_every` must be >= 0 (0 = never evaluate), got {self.eval_every}")
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-ready dict."""
@@ -83,7 +83,7 @@ def resolve_precision(name: str, device: torch.device) -> str:
     ``bf16`` can still be asked for explicitly.
     """
     if name == "fp16" and device.type != "cuda":
-        raise InputError("--precision fp16 needs CUDA; on CPU use bf16 or fp32")
+        raise InputError("`precision` fp16 needs CUDA; on CPU use bf16 or fp32")
     if name != "auto":
         return name
     if device.type == "cuda":

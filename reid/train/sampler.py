@@ -40,7 +40,7 @@ class PKSampler:
     def __init__(self, labels: Sequence[int], p: int, k: int, *, seed: int = 0) -> None:
         labels_arr = np.asarray(labels, dtype=np.int64)
         if p < 1 or k < 1:
-            raise InputError(f"--batch-p and --batch-k must be at least 1 (got P={p}, K={k})")
+            raise InputError(f"`batch_p` and `batch_k` must be at least 1 (got P={p}, K={k})")
         if labels_arr.size == 0:
             raise DatasetError("the dataset has no training images; a train split is needed to train")
         self.p, self.k, self.seed = int(p), int(k), int(seed)
@@ -49,10 +49,10 @@ class PKSampler:
         if p > len(self._by_label):
             raise InputError(
                 f"a batch of P={p} identities needs at least {p} training identities but the dataset "
-                f"has {len(self._by_label)}; lower --batch-p"
+                f"has {len(self._by_label)}; lower `batch_p`"
             )
         if k == 1:
-            log.warning("K=1: batch-hard triplet loss finds no positive pairs; use --batch-k >= 2")
+            log.warning("K=1: batch-hard triplet loss finds no positive pairs; use `batch_k` >= 2")
         self.epoch = 0
         self._plan: list[list[SampleRef]] | None = None
         self._plan_epoch = -1
@@ -85,10 +85,7 @@ class PKSampler:
         rng = np.random.default_rng([self.seed, epoch, 0x5EED])
         chunks: list[list[np.ndarray]] = []
         for idx in self._by_label:
-            if len(idx) < self.k:
-                pool = rng.choice(idx, size=self.k, replace=True)
-            else:
-                pool = rng.permutation(idx)
+            pool = rng.choice(idx, size=self.k, replace=True) if len(idx) < self.k else rng.permutation(idx)
             n_chunks = len(pool) // self.k
             chunks.append([pool[i * self.k : (i + 1) * self.k] for i in range(n_chunks)])
         remaining = np.array([len(c) for c in chunks])
@@ -102,7 +99,7 @@ class PKSampler:
                 batch.extend(int(i) for i in chunks[lab][remaining[lab]])
             batches.append(batch)
         seeds = rng.integers(0, 2**31 - 1, size=(len(batches), self.p * self.k))
-        plan = [[(i, int(s)) for i, s in zip(b, row)] for b, row in zip(batches, seeds)]
+        plan = [[(i, int(s)) for i, s in zip(b, row, strict=True)] for b, row in zip(batches, seeds, strict=True)]
         self._plan, self._plan_epoch = plan, epoch
         return plan
 

@@ -1,4 +1,4 @@
-"""Run folder of a training run: atomic checkpoints, resumable state, metrics log. No pickle.
+"""Run folder of a training run: atomic checkpoints, resumable state, metrics log, ``RunFolder``. No pickle.
 
 ``runs/NAME/``
   ``train.json``      the training config and the identity of the training set (checked on resume)
@@ -13,6 +13,7 @@ lives inside ``last/`` so the weights and the state it belongs to are swapped in
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -25,7 +26,8 @@ import torch
 
 import reid.atomic
 from reid.atomic import atomic_path
-from reid.errors import CheckpointError
+from reid.errors import CheckpointError, InputError
+from reid.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
 
@@ -95,7 +97,8 @@ def load_state(folder: Path) -> dict[str, Any]:
     """Read ``train_state.pt`` from a ``last/`` folder; CheckpointError when missing or unreadable."""
     path = folder / STATE_FILE
     if not path.is_file():
-        raise CheckpointError(f"{folder} holds no {STATE_FILE}; it cannot be resumed (start a new run with another --out)")
+        raise CheckpointError(f"{folder} holds no {STATE_FILE}; it cannot be resumed "
+                              "(choose another `out` folder to start a new run)")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any failure to read is a bad checkpoint for the user
@@ -153,3 +156,92 @@ class MetricsLog:
             fh.write(json.dumps(record, sort_keys=True) + "\n")
             fh.flush()
             os.fsync(fh.fileno())
+
+
+RUN_FILE = "train.json"
+# Changing these on resume changes what is being trained: refused rather than silently mixed.
+_FIXED_ON_RESUME = ("batch_p", "batch_k", "seed")
+
+
+def dataset_identity(dataset: Any) -> dict[str, Any]:
+    """Name, size and a digest of the training list (file names + ids), to refuse resuming on other data."""
+    h = hashlib.sha256()
+    for s in dataset.train:
+        h.update(f"{Path(s.path).name}\t{s.pid}\t{s.camid}\n".encode())
+    return {
+        "name": dataset.name,
+        "train_images": len(dataset.train),
+        "train_ids": len({s.pid for s in dataset.train}),
+        "train_digest": h.hexdigest()[:16],
+    }
+
+
+def _describe(ident: Any) -> str:
+    if not isinstance(ident, dict):
+        return "an unknown dataset"
+    return (f"{ident.get('name')}: {ident.get('train_images')} images of {ident.get('train_ids')} identities, "
+            f"digest {ident.get('train_digest')}")
+
+
+class RunFolder:
+    """The folder of one training run: refuses to mix runs, records the settings, saves checkpoints."""
+
+    def __init__(self, out: Path, config: TrainConfig, dataset: Any, *, resume: bool) -> None:
+        self.out, self.config, self.dataset = out, config, dataset
+        self.last_dir, self.best_dir = out / "last", out / "best"
+        self.metrics = MetricsLog(out / "metrics.jsonl")
+        recover_dir(self.last_dir)
+        recover_dir(self.best_dir)
+        if resume:
+            self._check_resumable()
+        elif self.last_dir.exists():
+            raise InputError(
+                f"{out} already holds a training run; continue it with `resume=True` or choose another `out` folder"
+            )
+
+    def _check_resumable(self) -> None:
+        if not self.last_dir.exists():
+            raise CheckpointError(f"nothing to resume in {self.out}: no last/ checkpoint "
+                                  "(start a new run without `resume=True`)")
+        saved = read_json(self.out / RUN_FILE) if (self.out / RUN_FILE).exists() else None
+        if saved is None:
+            raise CheckpointError(f"{self.out} has no {RUN_FILE}; it was not written by reid train")
+        ident = dataset_identity(self.dataset)
+        if saved.get("dataset") != ident:
+            raise CheckpointError(
+                f"the checkpoint in {self.out} was trained on {_describe(saved.get('dataset'))}, not on this "
+                f"dataset ({_describe(ident)}); resume with the same dataset or choose another `out` folder"
+            )
+        old = TrainConfig.from_dict(saved.get("config", {}))
+        for key in _FIXED_ON_RESUME:
+            if getattr(old, key) != getattr(self.config, key):
+                raise CheckpointError(
+                    f"the run in {self.out} used {key}={getattr(old, key)}, not {getattr(self.config, key)}; "
+                    f"resume with the same value or choose another `out` folder"
+                )
+        changed = {k: (v, getattr(self.config, k)) for k, v in old.to_dict().items()
+                   if v != self.config.to_dict()[k] and k not in ("epochs", "eval_every")}
+        if changed:
+            log.warning("resuming with changed settings (old -> new): %s", changed)
+
+    def write_run_file(self, model_config: dict[str, Any]) -> None:
+        """Record config and data identity (before the first checkpoint, so resume can check them)."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        write_json_atomic(self.out / RUN_FILE, {
+            "config": self.config.to_dict(), "dataset": dataset_identity(self.dataset),
+            "dataset_info": {k: str(v) for k, v in getattr(self.dataset, "info", {}).items()},
+            "model_config": model_config,
+        })
+
+    def save(self, model: torch.nn.Module, state: dict[str, Any], record: dict[str, Any], *, best: bool) -> None:
+        """Metrics line first, then the checkpoint: a crash between them is undone by truncate_after on resume."""
+        self.metrics.append(record)
+        save_model_dir(model, self.last_dir, {STATE_FILE: state, "metrics.json": record})
+        if best:
+            save_model_dir(model, self.best_dir, {"metrics.json": record})
+
+
+def load_run_config(out: str | Path) -> TrainConfig | None:
+    """The TrainConfig recorded in ``out/train.json`` (None when there is no run there)."""
+    path = Path(out) / RUN_FILE
+    return TrainConfig.from_dict(read_json(path).get("config", {})) if path.exists() else None

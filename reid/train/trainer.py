@@ -1,11 +1,14 @@
-"""The training loop: P x K batches, CE + triplet, warm-up schedule, atomic checkpoints, exact resume."""
+"""The trainer: P x K batches, CE + triplet, warm-up schedule, atomic checkpoints, exact resume.
+
+``Trainer`` owns one run's model, optimiser, grad scaler, sampler, loader and run folder; its state
+(epoch, best score so far, optimiser / scaler / sampler / RNG states) is saved with every checkpoint
+and restored on resume, so a resumed run continues bit for bit. ``train`` is the one-call entry.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import hashlib
-import json
 import logging
 import math
 import random
@@ -20,28 +23,14 @@ import torch
 
 from reid.errors import CheckpointError, DatasetError, InputError
 from reid.train.config import TrainConfig, resolve_precision
-from reid.train.data import TrainImages, check_batch, make_loader
+from reid.train.data import Batch, TrainImages, check_batch, make_loader
 from reid.train.losses import LossWeights, reid_loss
 from reid.train.sampler import PKSampler, relabel_pids
 from reid.train.schedule import lr_factor
-from reid.train.state import (
-    STATE_VERSION,
-    MetricsLog,
-    load_state,
-    read_json,
-    recover_dir,
-    rng_state,
-    save_model_dir,
-    set_rng_state,
-    write_json_atomic,
-)
+from reid.train.state import STATE_VERSION, RunFolder, load_state, rng_state, set_rng_state
 from reid.train.transforms import TrainTransform
 
 log = logging.getLogger(__name__)
-
-RUN_FILE = "train.json"
-# Changing these on --resume changes what is being trained: refused rather than silently mixed.
-_FIXED_ON_RESUME = ("batch_p", "batch_k", "seed")
 
 Event = Callable[[str, dict[str, Any]], None]
 
@@ -63,26 +52,6 @@ def _autocast(device: torch.device, precision: str) -> contextlib.AbstractContex
     if precision == "fp32":
         return contextlib.nullcontext()
     return torch.autocast(device.type, dtype=torch.bfloat16 if precision == "bf16" else torch.float16)
-
-
-def dataset_identity(dataset: Any) -> dict[str, Any]:
-    """Name, size and a digest of the training list (file names + ids), to refuse resuming on other data."""
-    h = hashlib.sha256()
-    for s in dataset.train:
-        h.update(f"{Path(s.path).name}\t{s.pid}\t{s.camid}\n".encode())
-    return {
-        "name": dataset.name,
-        "train_images": len(dataset.train),
-        "train_ids": len({s.pid for s in dataset.train}),
-        "train_digest": h.hexdigest()[:16],
-    }
-
-
-def _describe(ident: Any) -> str:
-    if not isinstance(ident, dict):
-        return "an unknown dataset"
-    return (f"{ident.get('name')}: {ident.get('train_images')} images of {ident.get('train_ids')} identities, "
-            f"digest {ident.get('train_digest')}")
 
 
 def _seed_everything(seed: int) -> None:
@@ -111,66 +80,253 @@ def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opt
     return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
-def _lr_at(cfg: TrainConfig, progress: float) -> float:
-    return lr_factor(progress, epochs=cfg.epochs, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
-                     warmup_factor=cfg.warmup_factor, milestones=cfg.milestones, gamma=cfg.gamma,
-                     min_factor=cfg.min_lr_factor)
+class Trainer:
+    """One training run: model, optimiser, grad scaler, P x K sampler, loader, run folder and progress.
 
+    ``Trainer.create`` starts a run or reopens one to resume; ``fit`` trains the epochs left. Each
+    epoch is ``train_epoch`` (one ``step`` per batch), then ``evaluate`` when due, then ``save``.
+    """
 
-class _Run:
-    """State of one training process (kept in one object so the loop below reads top to bottom)."""
+    def __init__(self, run: RunFolder, model: torch.nn.Module, sampler: PKSampler, *, device: torch.device,
+                 precision: str, workers: int | None = None, eval_batch_size: int = 64,
+                 on_event: Event | None = None) -> None:
+        from reid.embed import auto_workers
 
-    def __init__(self, out: Path, cfg: TrainConfig, dataset: Any, resume: bool) -> None:
-        self.out, self.cfg, self.dataset = out, cfg, dataset
-        self.last_dir, self.best_dir = out / "last", out / "best"
-        self.metrics = MetricsLog(out / "metrics.jsonl")
-        recover_dir(self.last_dir)
-        recover_dir(self.best_dir)
+        cfg = run.config
+        self.run, self.config, self.dataset, self.sampler = run, cfg, run.dataset, sampler
+        self.device, self.precision = device, precision
+        self.model = model.to(device)
+        self.optimizer = _make_optimizer(model, cfg)
+        self.scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+        # auto: none on a 1-2 core CPU (39 vs 35-37 img/s with 2 at 128x64, steady epochs)
+        self.workers = auto_workers(device) if workers is None else workers
+        self.eval_batch_size = eval_batch_size
+        self.emit: Event = on_event or (lambda kind, info: None)
+        self.loss_weights = LossWeights(ce=cfg.ce_weight, triplet=cfg.triplet_weight, margin=cfg.margin,
+                                        label_smoothing=cfg.label_smoothing,
+                                        attention_entropy=cfg.attention_entropy_weight)
+        transform = TrainTransform(size=tuple(model.config.input_size), flip_p=cfg.flip_p, erase_p=cfg.erase_p)
+        images = TrainImages([s.path for s in self.dataset.train], sampler.labels, transform)
+        self.loader = make_loader(images, sampler, workers=self.workers, pin_memory=device.type == "cuda")
+        self.epoch = 0  # epochs done
+        self.best_map: float | None = None
+        self.best_epoch: int | None = None
+
+    @classmethod
+    def create(
+        cls,
+        dataset: Any,
+        out: str | Path,
+        config: TrainConfig | None = None,
+        *,
+        model_config: Any = None,
+        pretrained: bool = True,
+        stream_weights: dict[str, str | Path | None] | None = None,
+        device: str | torch.device = "auto",
+        workers: int | None = None,
+        resume: bool = False,
+        eval_batch_size: int = 64,
+        on_event: Event | None = None,
+    ) -> Trainer:
+        """A new run in ``out`` (refused when one is there), or, with ``resume``, the run there where it stopped.
+
+        The options are ``train``'s. Settings that cannot work fail before any work on the data.
+        """
+        from reid.model import ModelConfig, build_model
+        from reid.model.net import check_stream_weights
+        from reid.runtime import prepare_torch, resolve_device
+
+        config = config or TrainConfig()
+        if not resume:
+            check_stream_weights(model_config or ModelConfig(), pretrained=pretrained, stream_weights=stream_weights)
+        dev = device if isinstance(device, torch.device) else resolve_device(device)
+        prepare_torch()
+        precision = resolve_precision(config.precision, dev)
+        if not dataset.train:
+            raise DatasetError(f"dataset {dataset.name!r} has no training images; it cannot be trained on")
+        out = Path(out)
+        run = RunFolder(out, config, dataset, resume=resume)
+        labels, pid_list = relabel_pids([s.pid for s in dataset.train])
+        sampler = PKSampler(labels, config.batch_p, config.batch_k, seed=config.seed)
+        mc = (model_config or ModelConfig()).replace(num_classes=len(pid_list))
         if resume:
-            self._check_resumable()
-        elif self.last_dir.exists():
-            raise InputError(
-                f"{out} already holds a training run; pass --resume to continue it or choose another --out"
-            )
+            model, state = _reopen(run, mc, asked=model_config is not None), load_state(run.last_dir)
+        else:
+            _seed_everything(config.seed)
+            model, state = build_model(mc, pretrained=pretrained, stream_weights=stream_weights), None
+        run.write_run_file(model.config.to_dict())  # on resume: the settings in force from now on (e.g. more epochs)
+        if state is None:
+            run.metrics.path.unlink(missing_ok=True)
+        trainer = cls(run, model, sampler, device=dev, precision=precision, workers=workers,
+                      eval_batch_size=eval_batch_size, on_event=on_event)
+        if state is not None:
+            trainer.load_state_dict(state)
+            run.metrics.truncate_after(trainer.epoch)
+            log.info("resuming %s after epoch %d", out, trainer.epoch)
+        return trainer
 
-    def _check_resumable(self) -> None:
-        if not self.last_dir.exists():
-            raise CheckpointError(f"nothing to resume in {self.out}: no last/ checkpoint (run without --resume)")
-        saved = read_json(self.out / RUN_FILE) if (self.out / RUN_FILE).exists() else None
-        if saved is None:
-            raise CheckpointError(f"{self.out} has no {RUN_FILE}; it was not written by reid train")
-        ident = dataset_identity(self.dataset)
-        if saved.get("dataset") != ident:
+    # --- state -------------------------------------------------------------------------------
+
+    def state_dict(self) -> dict[str, Any]:
+        """Everything besides the weights that the next epoch depends on (tensors, numbers, strings only)."""
+        return {
+            "version": STATE_VERSION, "epoch": self.epoch, "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler is not None else {},
+            "sampler": self.sampler.state_dict(), "rng": rng_state(), "best_map": self.best_map,
+            "best_epoch": self.best_epoch,
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Continue from ``state_dict()``'s output; CheckpointError when it does not fit this run."""
+        try:
+            self.optimizer.load_state_dict(state["optimizer"])
+            if self.scaler is not None and state.get("scaler"):
+                self.scaler.load_state_dict(state["scaler"])
+            self.sampler.load_state_dict(state["sampler"])
+            set_rng_state(state["rng"])
+            self.epoch = int(state["epoch"])
+            self.best_map, self.best_epoch = state.get("best_map"), state.get("best_epoch")
+        except (KeyError, ValueError, TypeError, RuntimeError, InputError) as e:
             raise CheckpointError(
-                f"the checkpoint in {self.out} was trained on {_describe(saved.get('dataset'))}, not on this "
-                f"dataset ({_describe(ident)}); resume with the same dataset or choose another --out"
-            )
-        old = TrainConfig.from_dict(saved.get("config", {}))
-        for key in _FIXED_ON_RESUME:
-            if getattr(old, key) != getattr(self.cfg, key):
-                raise CheckpointError(
-                    f"the run in {self.out} used {key}={getattr(old, key)}, not {getattr(self.cfg, key)}; "
-                    f"resume with the same value or choose another --out"
-                )
-        changed = {k: (v, getattr(self.cfg, k)) for k, v in old.to_dict().items()
-                   if v != self.cfg.to_dict()[k] and k not in ("epochs", "eval_every")}
-        if changed:
-            log.warning("resuming with changed settings (old -> new): %s", changed)
+                f"the training state in {self.run.last_dir} does not fit this model and settings ({e}); "
+                f"choose another `out` folder to start a new run"
+            ) from e
 
-    def write_run_file(self, model_config: dict[str, Any]) -> None:
-        """Record config and data identity (before the first checkpoint, so resume can check them)."""
-        self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / RUN_FILE, {
-            "config": self.cfg.to_dict(), "dataset": dataset_identity(self.dataset),
-            "dataset_info": {k: str(v) for k, v in getattr(self.dataset, "info", {}).items()},
-            "model_config": model_config,
-        })
+    # --- the run -----------------------------------------------------------------------------
+
+    def fit(self, max_seconds: float | None = None) -> TrainResult:
+        """Train the epochs left; with ``max_seconds``, stop after the epoch past which another would not fit."""
+        cfg = self.config
+        self.emit("start", {"epochs": cfg.epochs, "start_epoch": self.epoch, "num_ids": self.model.config.num_classes,
+                            "num_images": len(self.dataset.train), "precision": self.precision,
+                            "device": str(self.device), "batch_size": self.sampler.batch_size,
+                            "steps": len(self.sampler)})
+        t_start, images, train_s = time.perf_counter(), 0, 0.0
+        record: dict[str, Any] = {}
+        stopped_early = False
+        while self.epoch < cfg.epochs:
+            t_epoch = time.perf_counter()
+            record = self.train_epoch()
+            images, train_s = images + record["images"], train_s + record["train_seconds"]
+            # With a time budget, the epoch after which another one would not fit is the last one.
+            elapsed = time.perf_counter() - t_start
+            out_of_time = max_seconds is not None and elapsed + (time.perf_counter() - t_epoch) > max_seconds
+            if cfg.eval_every and (self.epoch % cfg.eval_every == 0 or self.epoch == cfg.epochs or out_of_time):
+                record.update(self.evaluate())
+            self.save(record)
+            self.emit("epoch", record)
+            if out_of_time and self.epoch < cfg.epochs:
+                stopped_early = True
+                log.info("time budget of %.0f s reached after epoch %d", max_seconds, self.epoch)
+                break
+        result = TrainResult(out=self.run.out, epochs_done=self.epoch, best_map=self.best_map,
+                             best_epoch=self.best_epoch, last=record, images_per_s=images / max(train_s, 1e-9),
+                             stopped_early=stopped_early)
+        self.emit("end", dataclasses.asdict(result))
+        return result
+
+    def train_epoch(self) -> dict[str, Any]:
+        """One pass over the sampler's batches of the next epoch; returns its record (mean losses, lr, img/s)."""
+        t_epoch = time.perf_counter()
+        epoch, model = self.epoch, self.model
+        self.sampler.set_epoch(epoch)
+        model.train()
+        # The streams run in fp32 under autocast unless allowed: inference must match fp32 embeddings, but
+        # training them in mixed precision (AMP on CUDA) is fine; the mode ends with the epoch, before any evaluation.
+        with model.run_mode(streams_autocast=self.precision != "fp32"):
+            _set_backbone_frozen(model, epoch < self.config.freeze_backbone_epochs)
+            steps, sums, n_images = len(self.sampler), {}, 0
+            for step, batch in enumerate(self.loader):
+                batch = check_batch(batch)
+                self._set_lr(epoch + step / steps)
+                parts = self.step(batch)
+                n_images += len(batch.labels)
+                for k, v in parts.items():
+                    sums[k] = sums.get(k, 0.0) + v
+                dt = time.perf_counter() - t_epoch
+                self.emit("step", {"epoch": epoch + 1, "step": step + 1, "steps": steps, "lr": self._lr(),
+                                   "images_per_s": n_images / max(dt, 1e-9), **parts})
+        train_s = time.perf_counter() - t_epoch
+        self.epoch += 1
+        return {
+            "epoch": self.epoch, "lr": self._lr(), "images": n_images,
+            "images_per_s": round(n_images / max(train_s, 1e-9), 2), "train_seconds": round(train_s, 2),
+            **{k: v / max(steps, 1) for k, v in sums.items()},
+        }
+
+    def step(self, batch: Batch) -> dict[str, float]:
+        """One optimiser step on ``batch``; returns the loss and its parts."""
+        x = batch.images.to(self.device, non_blocking=True)
+        y = batch.labels.to(self.device, non_blocking=True)
+        with _autocast(self.device, self.precision):
+            output = self.model.forward_train(x)
+        loss, parts = reid_loss(output.features, output.logits, output.attention, y, self.loss_weights)
+        if not math.isfinite(parts["loss"]):
+            raise InputError(f"the loss became {parts['loss']} at epoch {self.epoch + 1}; lower `lr`")
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        return parts
+
+    def evaluate(self) -> dict[str, Any]:
+        """Score the model now on the dataset's query x gallery (the scorer of ``reid evaluate``)."""
+        from reid.train.validate import validate
+
+        self.emit("eval_start", {"epoch": self.epoch, "images": len(self.dataset.query) + len(self.dataset.gallery)})
+        t = time.perf_counter()
+        metrics = validate(self.model, self.dataset, device=self.device, workers=self.workers,
+                           batch_size=self.eval_batch_size, seed=self.config.seed)
+        metrics["eval_seconds"] = round(time.perf_counter() - t, 2)
+        self.emit("eval", {"epoch": self.epoch, **metrics})
+        return metrics
+
+    def save(self, record: dict[str, Any]) -> None:
+        """Log the epoch's record and checkpoint the model and state (and ``best/`` on a new best mAP)."""
+        best = "mAP" in record and (self.best_map is None or record["mAP"] > self.best_map)
+        if best:
+            self.best_map, self.best_epoch = record["mAP"], self.epoch
+        self.run.save(self.model, self.state_dict(), record, best=best)
+        log.info("epoch %d saved to %s%s", self.epoch, self.run.last_dir, " (new best)" if best else "")
+
+    def _lr(self) -> float:
+        return self.optimizer.param_groups[-1]["lr"]
+
+    def _set_lr(self, progress: float) -> None:
+        cfg = self.config
+        factor = lr_factor(progress, epochs=cfg.epochs, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+                           warmup_factor=cfg.warmup_factor, milestones=cfg.milestones, gamma=cfg.gamma,
+                           min_factor=cfg.min_lr_factor)
+        for group in self.optimizer.param_groups:
+            group["lr"] = group["base_lr"] * factor
+
+
+def _reopen(run: RunFolder, mc: Any, *, asked: bool) -> torch.nn.Module:
+    """The model of ``run``'s last checkpoint, checked against the model asked for and the data's identities."""
+    from reid.model import load_checkpoint
+
+    model = load_checkpoint(run.last_dir)
+    if asked and model.config.to_dict() != mc.to_dict():
+        raise CheckpointError(
+            f"the checkpoint in {run.last_dir} has a different model config than asked for; "
+            f"resume without `model_config` or choose another `out` folder"
+        )
+    if model.config.num_classes != mc.num_classes:
+        raise CheckpointError(
+            f"the checkpoint in {run.last_dir} classifies {model.config.num_classes} identities but the "
+            f"dataset has {mc.num_classes}; resume with the same dataset or choose another `out` folder"
+        )
+    return model
 
 
 def train(
     dataset: Any,
     out: str | Path,
-    config: TrainConfig = TrainConfig(),
+    config: TrainConfig | None = None,
     *,
     model_config: Any = None,
     pretrained: bool = True,
@@ -185,9 +341,10 @@ def train(
 ) -> TrainResult:
     """Train an AttentionBilinearNet on ``dataset.train``; checkpoints, metrics and state go to ``out``.
 
-    ``model_config`` (a ``reid.model.ModelConfig``; num_classes is set from the data) defaults to
-    the default model; ``stream_weights`` ({"a": path, "b": path}) gives the ImageNet weights files of
-    vgg16 / resnet50 streams when a run starts (a resumed run reads its checkpoint). ``resume``
+    ``config`` defaults to ``TrainConfig()``; ``model_config`` (a ``reid.model.ModelConfig``; num_classes
+    is set from the data) defaults to the default model; ``stream_weights`` ({"a": path, "b": path}) gives
+    the ImageNet weights files of vgg16 / resnet50 streams when a run starts (a resumed run reads its
+    checkpoint). ``resume``
     continues the run in ``out`` from its last epoch. ``max_seconds`` ends training after the epoch
     past which another one would not fit. ``deterministic`` turns on
     ``torch.use_deterministic_algorithms`` for the run. ``workers=None`` picks the decoding/augmenting
@@ -199,193 +356,9 @@ def train(
     if deterministic:
         torch.use_deterministic_algorithms(True)
     try:
-        return _train(dataset, Path(out), config, model_config=model_config, pretrained=pretrained,
-                      stream_weights=stream_weights, device=device, workers=workers, resume=resume,
-                      max_seconds=max_seconds, eval_batch_size=eval_batch_size, on_event=on_event)
+        trainer = Trainer.create(dataset, out, config, model_config=model_config, pretrained=pretrained,
+                                 stream_weights=stream_weights, device=device, workers=workers, resume=resume,
+                                 eval_batch_size=eval_batch_size, on_event=on_event)
+        return trainer.fit(max_seconds)
     finally:
         torch.use_deterministic_algorithms(previous)
-
-
-def _train(dataset: Any, out: Path, config: TrainConfig, *, model_config: Any, pretrained: bool,
-           stream_weights: dict[str, str | Path | None] | None, device: str | torch.device, workers: int | None,
-           resume: bool, max_seconds: float | None, eval_batch_size: int, on_event: Event | None) -> TrainResult:
-    from reid.model import ModelConfig, build_model, load_checkpoint
-    from reid.model.net import check_stream_weights
-    from reid.runtime import prepare_torch, resolve_device
-
-    if not resume:  # a stream option that cannot work fails before any work on the data
-        check_stream_weights(model_config or ModelConfig(), pretrained=pretrained, stream_weights=stream_weights)
-    emit = on_event or (lambda kind, info: None)
-    dev = device if isinstance(device, torch.device) else resolve_device(device)
-    prepare_torch()
-    precision = resolve_precision(config.precision, dev)
-    if not dataset.train:
-        raise DatasetError(f"dataset {dataset.name!r} has no training images; it cannot be trained on")
-    run = _Run(out, config, dataset, resume)
-    labels, pid_list = relabel_pids([s.pid for s in dataset.train])
-    sampler = PKSampler(labels, config.batch_p, config.batch_k, seed=config.seed)
-
-    mc = (model_config or ModelConfig()).replace(num_classes=len(pid_list))
-    state: dict[str, Any] | None = None
-    if resume:
-        model = load_checkpoint(run.last_dir)
-        if model.config.to_dict() != mc.to_dict() and model_config is not None:
-            raise CheckpointError(
-                f"the checkpoint in {run.last_dir} has a different model config than asked for; "
-                f"resume without model options or choose another --out"
-            )
-        if model.config.num_classes != len(pid_list):
-            raise CheckpointError(
-                f"the checkpoint in {run.last_dir} classifies {model.config.num_classes} identities but the "
-                f"dataset has {len(pid_list)}; resume with the same dataset or choose another --out"
-            )
-        state = load_state(run.last_dir)
-        mc = model.config
-        run.write_run_file(mc.to_dict())  # the settings in force from now on (e.g. more --epochs)
-    else:
-        _seed_everything(config.seed)
-        model = build_model(mc, pretrained=pretrained, stream_weights=stream_weights)
-        run.write_run_file(mc.to_dict())
-        run.metrics.path.unlink(missing_ok=True)
-    model.to(dev)
-    optimizer = _make_optimizer(model, config)
-    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    start_epoch, best_map, best_epoch = 0, None, None
-    if state is not None:
-        try:
-            optimizer.load_state_dict(state["optimizer"])
-            if scaler is not None and state.get("scaler"):
-                scaler.load_state_dict(state["scaler"])
-            sampler.load_state_dict(state["sampler"])
-            set_rng_state(state["rng"])
-            start_epoch, best_map, best_epoch = int(state["epoch"]), state.get("best_map"), state.get("best_epoch")
-        except (KeyError, ValueError, TypeError, RuntimeError, InputError) as e:
-            raise CheckpointError(
-                f"the training state in {run.last_dir} does not fit this model and settings ({e}); "
-                f"choose another --out to start a new run"
-            ) from e
-        run.metrics.truncate_after(start_epoch)
-        log.info("resuming %s after epoch %d", out, start_epoch)
-
-    transform = TrainTransform(size=tuple(mc.input_size), flip_p=config.flip_p, erase_p=config.erase_p)
-    images = TrainImages([s.path for s in dataset.train], labels, transform)
-    if workers is None:
-        from reid.embed import auto_workers
-
-        workers = auto_workers(dev)  # none on a 1-2 core CPU: 39 vs 35-37 img/s with 2 (128x64, steady epochs)
-    loader = make_loader(images, sampler, workers=workers, pin_memory=dev.type == "cuda")
-    weights = LossWeights(ce=config.ce_weight, triplet=config.triplet_weight, margin=config.margin,
-                          label_smoothing=config.label_smoothing,
-                          attention_entropy=config.attention_entropy_weight)
-    emit("start", {"epochs": config.epochs, "start_epoch": start_epoch, "num_ids": len(pid_list),
-                   "num_images": len(dataset.train), "precision": precision, "device": str(dev),
-                   "batch_size": sampler.batch_size, "steps": len(sampler)})
-    t_start, total_images, total_train_s = time.perf_counter(), 0, 0.0
-    last_record: dict[str, Any] = {}
-    epoch, stopped_early = start_epoch, False
-    while epoch < config.epochs:
-        t_epoch = time.perf_counter()
-        record = _train_epoch(model, loader, sampler, optimizer, scaler, config, weights, dev, precision, epoch, emit)
-        total_images, total_train_s = total_images + record["images"], total_train_s + record["train_seconds"]
-        epoch += 1
-        # With a time budget, the epoch after which another one would not fit is the last one.
-        elapsed = time.perf_counter() - t_start
-        out_of_time = max_seconds is not None and elapsed + (time.perf_counter() - t_epoch) > max_seconds
-        final = epoch == config.epochs or out_of_time
-        if config.eval_every and (epoch % config.eval_every == 0 or final):
-            record.update(_evaluate(model, dataset, dev, workers, eval_batch_size, config.seed, emit, epoch))
-        best = "mAP" in record and (best_map is None or record["mAP"] > best_map)
-        if best:
-            best_map, best_epoch = record["mAP"], epoch
-        _save(run, model, optimizer, scaler, sampler, epoch, best_map, best_epoch, record, best)
-        last_record = record
-        emit("epoch", record)
-        if out_of_time and epoch < config.epochs:
-            stopped_early = True
-            log.info("time budget of %.0f s reached after epoch %d", max_seconds, epoch)
-            break
-    result = TrainResult(out=out, epochs_done=epoch, best_map=best_map, best_epoch=best_epoch, last=last_record,
-                         images_per_s=total_images / max(total_train_s, 1e-9), stopped_early=stopped_early)
-    emit("end", dataclasses.asdict(result))
-    return result
-
-
-def _train_epoch(model, loader, sampler, optimizer, scaler, config, weights, dev, precision, epoch, emit):
-    """One pass over the sampler's batches of ``epoch``; returns the epoch's record (mean losses, lr, img/s)."""
-    t_epoch = time.perf_counter()
-    sampler.set_epoch(epoch)
-    model.train()
-    # The streams run in fp32 under autocast unless allowed: inference must match fp32 embeddings, but
-    # training them in mixed precision (AMP on CUDA) is fine; the mode ends with the epoch, before any evaluation.
-    with model.run_mode(streams_autocast=precision != "fp32"):
-        _set_backbone_frozen(model, epoch < config.freeze_backbone_epochs)
-        steps, sums, n_images = len(sampler), {}, 0
-        for step, batch in enumerate(loader):
-            batch = check_batch(batch)
-            factor = _lr_at(config, epoch + step / steps)
-            for group in optimizer.param_groups:
-                group["lr"] = group["base_lr"] * factor
-            x = batch.images.to(dev, non_blocking=True)
-            y = batch.labels.to(dev, non_blocking=True)
-            with _autocast(dev, precision):
-                output = model.forward_train(x)
-            loss, parts = reid_loss(output.features, output.logits, output.attention, y, weights)
-            if not math.isfinite(parts["loss"]):
-                raise InputError(f"the loss became {parts['loss']} at epoch {epoch + 1}; lower --lr")
-            optimizer.zero_grad(set_to_none=True)
-            if scaler is not None:
-                scaler.scale(loss).backward()
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                loss.backward()
-                optimizer.step()
-            n_images += len(y)
-            for k, v in parts.items():
-                sums[k] = sums.get(k, 0.0) + v
-            dt = time.perf_counter() - t_epoch
-            emit("step", {"epoch": epoch + 1, "step": step + 1, "steps": steps, "lr": optimizer.param_groups[-1]["lr"],
-                          "images_per_s": n_images / max(dt, 1e-9), **parts})
-    train_s = time.perf_counter() - t_epoch
-    return {
-        "epoch": epoch + 1, "lr": optimizer.param_groups[-1]["lr"], "images": n_images,
-        "images_per_s": round(n_images / max(train_s, 1e-9), 2), "train_seconds": round(train_s, 2),
-        **{k: v / max(steps, 1) for k, v in sums.items()},
-    }
-
-
-def _evaluate(model, dataset, dev, workers, batch_size, seed, emit, epoch) -> dict[str, Any]:
-    from reid.train.validate import evaluate_model
-
-    emit("eval_start", {"epoch": epoch, "images": len(dataset.query) + len(dataset.gallery)})
-    t = time.perf_counter()
-    metrics = evaluate_model(model, dataset, device=dev, workers=workers, batch_size=batch_size, seed=seed)
-    metrics["eval_seconds"] = round(time.perf_counter() - t, 2)
-    emit("eval", {"epoch": epoch, **metrics})
-    return metrics
-
-
-def _save(run: _Run, model, optimizer, scaler, sampler, epoch, best_map, best_epoch, record, best) -> None:
-    """Metrics line first, then the checkpoint: a crash between them is undone by truncate_after on resume."""
-    run.metrics.append(record)
-    state = {
-        "version": STATE_VERSION, "epoch": epoch, "optimizer": optimizer.state_dict(),
-        "scaler": scaler.state_dict() if scaler is not None else {}, "sampler": sampler.state_dict(),
-        "rng": rng_state(), "best_map": best_map, "best_epoch": best_epoch,
-    }
-    save_model_dir(model, run.last_dir, {"train_state.pt": state, "metrics.json": record})
-    if best:
-        save_model_dir(model, run.best_dir, {"metrics.json": record})
-    log.info("epoch %d saved to %s%s", epoch, run.last_dir, " (new best)" if best else "")
-
-
-def load_run_config(out: str | Path) -> TrainConfig | None:
-    """The TrainConfig recorded in ``out/train.json`` (None when there is no run there)."""
-    path = Path(out) / RUN_FILE
-    return TrainConfig.from_dict(read_json(path).get("config", {})) if path.exists() else None
-
-
-def run_summary(out: str | Path) -> dict[str, Any]:
-    """train.json plus the metrics log of a run folder, for display."""
-    out = Path(out)
-    return {"run": json.loads((out / RUN_FILE).read_text()), "metrics": MetricsLog(out / "metrics.jsonl").records()}
