@@ -99,14 +99,33 @@ def default_model_paths(model: torch.nn.Module, paths: Sequence[Path]) -> np.nda
     return res.features
 
 
-def rows(model: torch.nn.Module) -> list[tuple[str, Features | None]]:
-    """(name, features of crops) for each row; None: the default model, embedded from the files."""
-    return [
+def rows(model: torch.nn.Module, adapted: torch.nn.Module | None = None
+         ) -> list[tuple[str, Features | torch.nn.Module]]:
+    """(name, features of crops) for each row; a model instead: embedded from the crop files."""
+    out = [
         ("hsv histogram (6 stripes, 8x4x4)", hsv_histogram),
         ("stream A pooled (MobileNetV2)", lambda crops: pooled_streams(model, crops, "a")),
         ("streams A+B pooled", lambda crops: pooled_streams(model, crops, "ab")),
-        ("default model (build_model)", None),
+        ("default model (build_model)", model),
     ]
+    if adapted is not None:
+        out.append(("default + reid adapt (unlabeled crops)", adapted))
+    return out
+
+
+def adapt_to(ts: TrackletSet, out: Path, epochs: int) -> torch.nn.Module:
+    """``reid adapt`` from the default model on every crop of the set, labels hidden (one real camera:
+    the query/gallery split is not a camera change, so no camera-aware proxies); a finished run in
+    ``out`` is reused."""
+    from reid.model import load_checkpoint
+    from reid.train.adapt import AdaptConfig, adapt
+
+    t = time.perf_counter()
+    result = adapt(ts.root, out, config=AdaptConfig(epochs=epochs, camera_aware=False), device="cpu",
+                   on_epoch=lambda r: print(f"  adapt epoch {r['epoch']}: {r['clusters']} clusters, "
+                                            f"{r['outliers']} outliers, loss {r['loss']}", flush=True))
+    print(f"reid adapt: {result.crops} crops, {result.epochs_done} epochs, {time.perf_counter() - t:.0f} s")
+    return load_checkpoint(result.checkpoint)
 
 
 def evaluate_cooccurring(qf: np.ndarray, gf: np.ndarray, ts: TrackletSet, max_rank: int = 10) -> dict:
@@ -136,16 +155,16 @@ def evaluate_all(qf: np.ndarray, gf: np.ndarray, ts: TrackletSet, max_rank: int 
             "gallery": float(keep.sum())}
 
 
-def evaluate(ts: TrackletSet, model: torch.nn.Module) -> list[dict]:
+def evaluate(ts: TrackletSet, model: torch.nn.Module, adapted: torch.nn.Module | None = None) -> list[dict]:
     """Features of every row on the same crops, scored under both protocols."""
     q_paths, g_paths = ts.paths("query"), ts.paths("gallery")
     q_crops = [decode_image(p) for p in q_paths]
     g_crops = [decode_image(p) for p in g_paths]
     results = []
-    for name, fn in rows(model):
+    for name, fn in rows(model, adapted):
         t = time.perf_counter()
-        if fn is None:
-            qf, gf = default_model_paths(model, q_paths), default_model_paths(model, g_paths)
+        if isinstance(fn, torch.nn.Module):
+            qf, gf = default_model_paths(fn, q_paths), default_model_paths(fn, g_paths)
         else:
             qf, gf = fn(q_crops), fn(g_crops)
         spent = time.perf_counter() - t
@@ -158,6 +177,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="vtest data folder (default %(default)s)")
     parser.add_argument("--stride", type=int, default=1, help="detector on every N-th frame (default 1)")
+    parser.add_argument("--adapt-epochs", type=int, default=12, help="reid adapt epochs; 0 = no adapt row")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
@@ -176,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
           f"crops ({n_distractors} from {s['distractor_tracks']} distractor tracklets); detector "
           f"{s['detector_ms_per_frame']} ms/frame over {s['frames_detected']} frames; data ready in {t_data:.1f} s "
           f"(first build {s['build_s']} s)")
-    results = evaluate(ts, model)
+    adapted = adapt_to(ts, Path(args.data) / "adapt-run", args.adapt_epochs) if args.adapt_epochs else None
+    results = evaluate(ts, model, adapted)
     co, al = results[0]["co"], results[0]["all"]
     print(f"\nA: each query track against the tracks on screen with it (certain negatives; {co['valid']} queries, "
           f"{co['gallery']:.0f} gallery crops each on average)\nB: against the gallery crops of all identities "

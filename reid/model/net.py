@@ -239,13 +239,34 @@ class AttentionBilinearNet(nn.Module):
         stream_a, stream_b, bilinear = self._front()
         with contextlib.nullcontext() if self._streams_autocast else torch.autocast(x.device.type, enabled=False):
             local = bilinear(stream_a(x), stream_b(x)).float()  # [B,Gh,Gw,d_x]
+        return self._recurrent_head(local)
+
+    def _recurrent_head(self, local: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Local bilinear features [B,Gh,Gw,d_x] -> pre-BN feature [B,D] and attention [B,K,Gh,Gw]."""
         b, gh, gw, _ = local.shape
         # The recurrent head always runs in float32 (a small part of the cost).
-        with torch.autocast(x.device.type, enabled=False):
+        with torch.autocast(local.device.type, enabled=False):
             states = self.lstm(local)  # [B,Gh,Gw,dirs*d_h]
             z, alpha = self.attention(local.view(b, gh * gw, -1), states.view(b, gh * gw, -1))
             f = self.fc(z)
         return f, alpha.view(b, -1, gh, gw)
+
+    def head_from_streams(self, fa: torch.Tensor, fb: torch.Tensor) -> TrainOutput:
+        """The head alone, on the two streams' local maps: fa = ``stream_a(x)`` [B,Ca,Gh,Gw] and fb =
+        ``stream_b(x)`` [B,Cb,Gh,Gw] (any float dtype, e.g. float16 from a cache; computed in float32).
+
+        ``forward_train(x)`` is ``head_from_streams(stream_a(x), stream_b(x))``; the embedding ``forward``
+        returns is ``F.normalize(bnneck(features))``. Head-only training runs the frozen streams once per
+        crop and this many times (``reid.train.stream_cache``).
+        """
+        if fa.dim() != 4 or fb.dim() != 4 or fa.shape[0] != fb.shape[0]:
+            raise ValueError(f"expected stream maps [B,C,Gh,Gw] with one batch size, got {tuple(fa.shape)} and "
+                             f"{tuple(fb.shape)}")
+        with torch.autocast(fa.device.type, enabled=False):
+            local = self.bilinear(fa.float(), fb.float()).float()  # [B,Gh,Gw,d_x]
+        f, alpha = self._recurrent_head(local)
+        logits = self.classifier(self.bnneck(f)) if self.classifier is not None else None
+        return TrainOutput(features=f, logits=logits, attention=alpha)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x [B,3,H,W] RGB in [0, 1] -> [B, D] L2-normalised embeddings (the BNNeck output)."""
@@ -311,10 +332,48 @@ def make_stream(role: str, name: str, *, output_stride: int, pretrained: bool,
     return cls(output_stride=output_stride, weights=weights)
 
 
+DEFAULT_HEAD_NAME = "default_head.safetensors"
+
+
+def default_head_path():
+    """The shipped head of the default network (``python -m reid.train.distill`` wrote it; its JSON says how)."""
+    import importlib.resources
+
+    return importlib.resources.files("reid.model") / "weights" / DEFAULT_HEAD_NAME
+
+
+def load_default_head(model: AttentionBilinearNet) -> None:
+    """Load the shipped head into a default-config model: every tensor after the streams, every key matched."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load
+
+    path = default_head_path()
+    try:
+        state = load(path.read_bytes())
+    except (OSError, SafetensorError, ValueError) as e:
+        raise CheckpointError(f"the default network's trained head {path} is missing or unreadable ({e}); "
+                              f"reinstall reid, or rebuild it with `python -m reid.train.distill --out "
+                              f"reid/model/weights`") from e
+    expected = {k: v for k, v in model.state_dict().items() if not k.startswith(("stream_a.", "stream_b."))}
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    shapes = [k for k in expected if k in state and tuple(state[k].shape) != tuple(expected[k].shape)]
+    if missing or unexpected or shapes:
+        raise CheckpointError(f"the default network's trained head {path} does not match the default config "
+                              f"({len(missing)} missing {missing[:3]}, {len(unexpected)} unexpected {unexpected[:3]}, "
+                              f"{len(shapes)} of another shape {shapes[:3]}); rebuild it with reid.train.distill")
+    with torch.no_grad():
+        for k, v in expected.items():
+            v.copy_(state[k])
+
+
 def build_model(config: ModelConfig | None = None, pretrained: bool = True,
-                stream_weights: Mapping[str, str | os.PathLike | None] | None = None) -> AttentionBilinearNet:
+                stream_weights: Mapping[str, str | os.PathLike | None] | None = None, *,
+                trained_head: bool = True) -> AttentionBilinearNet:
     """Build the network in eval mode; streams from ImageNet weights, head seeded by config.seed.
 
+    The default network (default config, pretrained streams) gets the shipped trained head instead
+    (``reid/model/weights/default_head.safetensors``, trained by ``reid.train.distill`` without real
+    labels) unless ``trained_head=False``, which gives the seeded head that recipe starts from.
     The default streams' weights are packaged; a vgg16 / resnet50 stream reads them from a local file
     given as ``stream_weights={"a": path, "b": path}`` (None or absent for a packaged stream).
     """
@@ -324,6 +383,8 @@ def build_model(config: ModelConfig | None = None, pretrained: bool = True,
         torch.manual_seed(config.seed)  # the streams' own init when not pretrained
         model = AttentionBilinearNet(config, pretrained=pretrained, stream_weights=stream_weights)
     model.init_head(torch.Generator().manual_seed(config.seed))
+    if trained_head and pretrained and config == ModelConfig() and default_head_path().is_file():  # TODO strict once shipped
+        load_default_head(model)
     model = model.to(memory_format=torch.channels_last)
     log.debug("built %s grid=%s pretrained=%s", config.arch, config.grid, pretrained)
     return model.eval()

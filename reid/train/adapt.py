@@ -1,0 +1,275 @@
+"""``reid adapt``: unsupervised adaptation of the network to a user's own cameras, from unlabeled crops.
+
+Cluster contrast on frozen streams: the two CNN streams run once per crop and view (a clean view and
+a few augmented ones; ``reid.train.stream_cache``), so each epoch trains only the head (bilinear,
+spatial LSTM, attention, embedding) and costs seconds, not the streams' hours on a CPU. Every epoch
+re-clusters the current embeddings of the clean views (``reid.train.pseudo_labels``), builds a proxy
+memory from the clusters (per camera when Market-style names give cameras), and trains on P x K
+batches of pseudo-identities; outliers sit the epoch out. The checkpoint in ``OUT/last`` is saved
+after every epoch (atomically, with the optimiser state) and is usable by ``--weights`` everywhere;
+a run started again with the same inputs resumes after its last finished epoch.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reid.errors import CheckpointError, InputError
+
+log = logging.getLogger(__name__)
+
+STATE_FILE = "adapt_state.pt"
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class AdaptConfig:
+    """Everything that decides what an adaptation run computes (saved with its state; resume needs the same)."""
+
+    epochs: int = 12
+    batch_p: int = 16
+    batch_k: int = 4
+    lr: float = 3.5e-4
+    weight_decay: float = 5e-4
+    views: int = 4  # cached views per crop: the clean one and views - 1 augmented ones
+    eps: float = 0.6
+    min_samples: int = 4
+    k1: int = 30
+    k2: int = 6
+    temperature: float = 0.05
+    momentum: float = 0.2
+    camera_aware: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("epochs", "batch_p", "batch_k", "views", "min_samples", "k1", "k2"):
+            if int(getattr(self, name)) < 1:
+                raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")
+        if not 0.0 < self.eps < 1.0:
+            raise InputError(f"`eps` must be within (0, 1), got {self.eps}")
+
+
+@dataclass
+class AdaptResult:
+    """What a run did: the checkpoint folder, epochs done (resumed ones included) and the log records."""
+
+    out: Path
+    checkpoint: Path
+    crops: int
+    failed: list[tuple[str, str]] = field(default_factory=list)
+    epochs_done: int = 0
+    records: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _load_crops(gallery: str | os.PathLike) -> tuple[list[str], list[np.ndarray], list[tuple[str, str]]]:
+    """Decode every image under ``gallery``: (paths, crops, failures as (path, reason))."""
+    from reid.images import decode_image, find_images
+    from reid.errors import ReidError
+
+    files = find_images(gallery)
+    if not files:
+        raise InputError(f"{gallery}: no image files to adapt to")
+    paths, crops, failed = [], [], []
+    for f in files:
+        try:
+            crops.append(decode_image(f))
+            paths.append(str(f))
+        except ReidError as e:
+            failed.append((str(f), str(e)))
+    if len(crops) < 2:
+        raise InputError(f"{gallery}: {len(crops)} decodable image(s) of {len(files)}; adapting needs at least 2")
+    return paths, crops, failed
+
+
+def _cameras(paths: list[str]) -> np.ndarray | None:
+    """Camera of every crop from Market-style names, or None unless all of them name one."""
+    from reid.images import parse_market_name
+
+    cams = [parse_market_name(Path(p).name)[1] for p in paths]
+    return None if any(c is None for c in cams) else np.asarray(cams, np.int64)
+
+
+def _view(crop: np.ndarray, view: int, seed: int, size: tuple[int, int]) -> np.ndarray:
+    """View 0 is the crop itself; the others are seeded augmentations (flip, shift, erasing, light)."""
+    from reid.train.transforms import TrainTransform
+
+    if view == 0:
+        return crop
+    rng = np.random.default_rng([seed, view, crop.shape[0], crop.shape[1], int(crop[::7, ::7].sum())])
+    x = TrainTransform(size=size)(crop, rng)  # float 3xHxW in [0, 1]
+    x = x * rng.uniform(0.7, 1.3) + rng.uniform(-0.1, 0.1)  # exposure and offset: cameras differ in light
+    return np.ascontiguousarray((np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0))
+
+
+def _data_key(paths: list[str], config: AdaptConfig, streams: str) -> str:
+    h = hashlib.sha256(json.dumps([paths, config.views, config.seed, streams]).encode())
+    for p in paths:
+        st = os.stat(p)
+        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+    return h.hexdigest()[:16]
+
+
+def _batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """P x K batches over the inlier clusters, each crop about once per epoch (K drawn with replacement
+    from clusters smaller than K)."""
+    members = [np.flatnonzero(labels == c) for c in range(int(labels.max()) + 1)] if labels.max() >= 0 else []
+    members = [m for m in members if len(m)]
+    if not members:
+        return []
+    steps = max(1, math.ceil(int((labels >= 0).sum()) / (p * k)))
+    out = []
+    for _ in range(steps):
+        chosen = rng.choice(len(members), size=min(p, len(members)), replace=False)
+        out.append(np.concatenate([rng.choice(members[c], size=k, replace=len(members[c]) < k) for c in chosen]))
+    return out
+
+
+class _Run:
+    """The run folder: ``last/`` (checkpoint + optimiser state), ``adapt.jsonl`` (one record per epoch), ``cache/``."""
+
+    def __init__(self, out: Path, config: AdaptConfig, key: str) -> None:
+        self.out, self.config, self.key = out, config, key
+        self.last = out / "last"
+        self.log_path = out / "adapt.jsonl"
+
+    def resume_state(self) -> dict[str, Any] | None:
+        """The saved state of an unfinished run with these inputs, None for a new run."""
+        from reid.atomic import recover_dir
+
+        recover_dir(self.last)
+        path = self.last / STATE_FILE
+        if not path.is_file():
+            return None
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - any failure to read is a bad state file for the user
+            raise CheckpointError(f"cannot read the adaptation state {path}: {type(e).__name__}: {e}") from e
+        if not isinstance(state, dict) or state.get("version") != STATE_VERSION:
+            raise CheckpointError(f"{path} is not an adaptation state this version of reid can resume")
+        if state.get("key") != self.key or state.get("config") != asdict(self.config):
+            raise InputError(f"{self.out} holds an adaptation run of other crops or settings; choose another "
+                             f"output folder, or remove it to start again")
+        return state
+
+    def records(self) -> list[dict[str, Any]]:
+        if not self.log_path.is_file():
+            return []
+        return [json.loads(line) for line in self.log_path.read_text().splitlines() if line.strip()]
+
+    def save(self, model, optimizer, epoch: int, record: dict[str, Any], records: list[dict[str, Any]]) -> None:
+        from reid.atomic import atomic_path
+        from reid.train.state import save_model_dir
+
+        state = {"version": STATE_VERSION, "key": self.key, "config": asdict(self.config), "epoch": epoch,
+                 "optimizer": optimizer.state_dict()}
+        save_model_dir(model, self.last, {STATE_FILE: state, "adapt.json": record})
+        with atomic_path(self.log_path) as tmp:
+            Path(tmp).write_text("".join(json.dumps(r) + "\n" for r in [*records, record]))
+
+
+def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | os.PathLike | None = None,
+          config: AdaptConfig | None = None, device: str = "auto",
+          on_epoch: Callable[[dict[str, Any]], None] | None = None,
+          progress: Callable[[str, int, int], None] | None = None) -> AdaptResult:
+    """Adapt the model (the default network, or the checkpoint ``weights``) to the crops under ``gallery``.
+
+    ``progress(stage, done, total)`` reports the one-off stream pass ("streams") and each epoch's steps
+    ("epoch N"); ``on_epoch(record)`` sees each epoch's log record (clusters, outliers, loss).
+    """
+    from reid.model.identity import ModelRef
+    from reid.runtime import resolve_device
+    from reid.train.pseudo_labels import ProxyMemory, cluster_features
+    from reid.train.stream_cache import cached_stream_maps, embed_maps, streams_fingerprint, tune_allocator
+
+    config = config or AdaptConfig()
+    out = Path(out).expanduser()
+    paths, crops, failed = _load_crops(gallery)
+    for p, reason in failed:
+        log.warning("skipped %s", reason)
+    dev = resolve_device(device)
+    model, start_ref = ModelRef.load(weights, dev)
+    crops_key = _data_key(paths, config, streams_fingerprint(model))  # what the cached stream maps hold
+    run = _Run(out, config, f"{crops_key}-{start_ref.fingerprint}")
+    state = run.resume_state()
+    if state is not None:
+        model, _ = ModelRef.load(run.last, dev)
+    out.mkdir(parents=True, exist_ok=True)
+    for p in model.backbone_parameters():
+        p.requires_grad_(False)
+    n, size = len(crops), tuple(model.config.input_size)
+    maps = cached_stream_maps(
+        model, lambda i: _view(crops[i % n], i // n, config.seed, size), n * config.views, folder=out / "cache",
+        key=crops_key, device=dev, progress=(lambda d, t: progress("streams", d, t)) if progress else None)
+    cameras = _cameras(paths) if config.camera_aware else None
+    params = [p for p in model.head_parameters() if p.requires_grad]
+    optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
+    start, records = 0, []
+    if state is not None:
+        optimizer.load_state_dict(state["optimizer"])
+        start, records = int(state["epoch"]), run.records()[: int(state["epoch"])]
+        log.info("resuming %s after epoch %d", out, start)
+    clean = _ViewSlice(maps, n)
+    tune_allocator()
+    for epoch in range(start, config.epochs):
+        t0 = time.perf_counter()
+        feats = embed_maps(model, clean)
+        clusters = cluster_features(feats, eps=config.eps, min_samples=config.min_samples, k1=config.k1, k2=config.k2)
+        record: dict[str, Any] = {"epoch": epoch + 1, "clusters": clusters.num_clusters,
+                                  "outliers": clusters.num_outliers, "loss": None, "steps": 0,
+                                  "cluster_seconds": round(time.perf_counter() - t0, 2)}
+        if clusters.num_clusters >= 2:
+            memory = ProxyMemory(feats, clusters, cameras, temperature=config.temperature, momentum=config.momentum,
+                                 device=dev)
+            rng = np.random.default_rng([config.seed, epoch])
+            batches = _batches(clusters.labels, config.batch_p, config.batch_k, rng)
+            model.train()
+            losses = []
+            for step, idx in enumerate(batches):
+                rows = idx + n * rng.integers(0, config.views, size=len(idx))
+                fa, fb = maps.batch(rows, dev)
+                f = F.normalize(model.bnneck(model.head_from_streams(fa, fb).features), dim=1)
+                index = torch.as_tensor(idx, device=dev)
+                loss = memory.loss(f, index)
+                optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                optimizer.step()
+                memory.update(f, index)
+                losses.append(loss.item())
+                if progress is not None:
+                    progress(f"epoch {epoch + 1}", step + 1, len(batches))
+            model.eval()
+            record.update(loss=round(float(np.mean(losses)), 4), steps=len(batches), proxies=len(memory))
+        else:
+            log.warning("epoch %d: %d clusters among %d crops; nothing to learn from (try a larger eps)",
+                        epoch + 1, clusters.num_clusters, n)
+        record["seconds"] = round(time.perf_counter() - t0, 2)
+        run.save(model, optimizer, epoch + 1, record, records)
+        records.append(record)
+        if on_epoch is not None:
+            on_epoch(record)
+    return AdaptResult(out, run.last, n, failed, config.epochs, records)
+
+
+class _ViewSlice:
+    """The first ``n`` rows of a StreamMaps (the clean views), with the same batch interface."""
+
+    def __init__(self, maps, n: int) -> None:
+        self.maps, self.n = maps, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def batch(self, index, device="cpu"):
+        return self.maps.batch(index, device)

@@ -1,0 +1,113 @@
+"""Pseudo-identities for unlabeled crops, re-estimated every epoch of ``reid adapt``.
+
+Cluster contrast (Dai et al. 2021): k-reciprocal Jaccard distances between the current embeddings
+(Zhong et al. 2017, the same encoding as re-ranking), density clustering with DBSCAN (scikit-learn),
+outliers left out of the epoch. Crops known to show one person (one tracklet) are must-links: their
+distance is set to 0 before clustering. A ``ProxyMemory`` keeps one momentum-updated proxy per cluster,
+or per (cluster, camera) when cameras are known (camera-aware proxies, Wang et al. 2021), and scores
+a batch against all of them with a multi-positive InfoNCE loss.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from reid.errors import InputError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Clusters:
+    """One epoch's pseudo-labels: ``labels[i]`` is a cluster id in 0..num_clusters-1, or -1 (outlier)."""
+
+    labels: np.ndarray
+
+    @property
+    def num_clusters(self) -> int:
+        """Clusters found (outliers excluded)."""
+        return int(self.labels.max()) + 1 if self.labels.size and self.labels.max() >= 0 else 0
+
+    @property
+    def num_outliers(self) -> int:
+        """Crops left out of this epoch."""
+        return int((self.labels < 0).sum())
+
+
+def cluster_features(features: np.ndarray, *, eps: float = 0.6, min_samples: int = 4, k1: int = 30, k2: int = 6,
+                     tracklets: np.ndarray | None = None) -> Clusters:
+    """DBSCAN over k-reciprocal Jaccard distances of L2-normalised ``features`` [N, D].
+
+    ``tracklets``: int [N], crops sharing a value >= 0 are one person (must-link); -1 for unknown.
+    """
+    from sklearn.cluster import DBSCAN
+
+    from reid.evaluation.rerank import jaccard_distances
+
+    n = len(features)
+    if n < 2:
+        raise InputError(f"clustering needs at least 2 crops, got {n}")
+    dist = jaccard_distances(features, k1=min(k1, n - 1), k2=min(k2, n))
+    if tracklets is not None:
+        _must_link(dist, np.asarray(tracklets))
+    labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed", n_jobs=1).fit_predict(dist)
+    return Clusters(labels.astype(np.int64))
+
+
+def _must_link(dist: np.ndarray, tracklets: np.ndarray) -> None:
+    """Distance 0 between crops of one tracklet (in place)."""
+    known = np.flatnonzero(tracklets >= 0)
+    order = known[np.argsort(tracklets[known], kind="stable")]
+    if order.size == 0:
+        return
+    starts = np.flatnonzero(np.r_[True, np.diff(tracklets[order]) != 0])
+    for group in np.split(order, starts[1:]):
+        if len(group) > 1:
+            dist[np.ix_(group, group)] = 0.0
+
+
+class ProxyMemory:
+    """Momentum proxies of the clusters (per camera when ``cameras`` are given) and their contrastive loss.
+
+    The loss of a crop of cluster y is ``-log(sum_{p in P(y)} exp(s_p / t) / sum_all exp(s / t))`` over
+    the proxies' cosine similarities s, P(y) being the proxies of y (one without cameras: plain cluster
+    contrast). After each step a crop's own proxy moves to it: ``m <- normalize(mu m + (1 - mu) f)``.
+    """
+
+    def __init__(self, features: np.ndarray, clusters: Clusters, cameras: np.ndarray | None = None, *,
+                 temperature: float = 0.05, momentum: float = 0.2, device: torch.device | str = "cpu") -> None:
+        inliers = clusters.labels >= 0
+        cams = np.zeros(len(features), np.int64) if cameras is None else np.asarray(cameras, np.int64)
+        keys = clusters.labels[inliers] * (int(cams.max()) + 1 if cams.size else 1) + cams[inliers]
+        uniq, proxy_of_inlier = np.unique(keys, return_inverse=True)
+        self.proxy = np.full(len(features), -1, np.int64)
+        self.proxy[inliers] = proxy_of_inlier
+        self.cluster_of_proxy = torch.as_tensor(uniq // (int(cams.max()) + 1 if cams.size else 1), device=device)
+        sums = np.zeros((len(uniq), features.shape[1]), np.float64)
+        np.add.at(sums, proxy_of_inlier, features[inliers])
+        self.memory = F.normalize(torch.as_tensor(sums, dtype=torch.float32, device=device), dim=1)
+        self.temperature, self.momentum = float(temperature), float(momentum)
+        self.labels = torch.as_tensor(clusters.labels, device=device)
+
+    def __len__(self) -> int:
+        return int(self.memory.shape[0])
+
+    def loss(self, feats: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+        """Mean multi-positive InfoNCE of L2-normalised ``feats`` [B, D] of crops ``index`` [B] (inliers)."""
+        logits = feats @ self.memory.T / self.temperature  # [B, P]
+        positive = self.cluster_of_proxy[None, :] == self.labels[index][:, None]
+        log_all = torch.logsumexp(logits, dim=1)
+        log_pos = torch.logsumexp(logits.masked_fill(~positive, float("-inf")), dim=1)
+        return (log_all - log_pos).mean()
+
+    @torch.no_grad()
+    def update(self, feats: torch.Tensor, index: torch.Tensor) -> None:
+        """Move each crop's own proxy towards its (detached) feature."""
+        proxies = torch.as_tensor(self.proxy[index.cpu().numpy()], device=self.memory.device)
+        for f, p in zip(feats.detach(), proxies):
+            self.memory[p] = F.normalize(self.momentum * self.memory[p] + (1.0 - self.momentum) * f, dim=0)

@@ -1,0 +1,129 @@
+"""reid adapt: pseudo-labels, proxy memory, the resumable adaptation run and its command."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from reid.errors import InputError
+from reid.model import ModelConfig, build_model, load_checkpoint, save_checkpoint
+from reid.train.adapt import AdaptConfig, adapt
+from reid.train.pseudo_labels import Clusters, ProxyMemory, cluster_features
+
+TINY = ModelConfig(input_size=(64, 32), output_stride=32, c_a=4, c_b=4, d_x=16, d_h=8, d_att=8, num_glimpses=1,
+                   embed_dim=16)
+FAST = AdaptConfig(epochs=2, batch_p=4, batch_k=2, views=2, k1=4, k2=2, min_samples=2, eps=0.7)
+
+
+def blobs(seed=0, ids=5, per=6, dim=8, spread=0.05):
+    rng = np.random.default_rng(seed)
+    centres = rng.standard_normal((ids, dim))
+    x = np.repeat(centres, per, axis=0) + spread * rng.standard_normal((ids * per, dim))
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32), np.repeat(np.arange(ids), per)
+
+
+def test_clusters_recover_well_separated_identities():
+    x, truth = blobs()
+    found = cluster_features(x, k1=5, k2=2, min_samples=3)
+    assert found.num_clusters == 5 and found.num_outliers == 0
+    for c in range(5):  # each cluster is exactly one identity
+        assert len(set(truth[found.labels == c])) == 1
+
+
+def test_tracklets_are_must_links():
+    x, truth = blobs(ids=4, per=5)
+    tracks = np.full(len(x), -1)
+    tracks[truth < 2] = 0  # two identities declared one tracklet: they must end in one cluster
+    found = cluster_features(x, k1=4, k2=2, min_samples=3, tracklets=tracks)
+    assert len(set(found.labels[truth < 2])) == 1 and found.labels[0] >= 0
+
+
+def test_proxy_memory_loss_prefers_the_own_cluster_and_counts_every_camera_proxy():
+    x, truth = blobs(ids=3, per=4)
+    cams = np.tile([1, 2], 6)
+    memory = ProxyMemory(x, Clusters(truth), cams, temperature=0.1)
+    assert len(memory) == 6  # a proxy per (cluster, camera)
+    f = torch.from_numpy(x)
+    idx = torch.arange(len(x))
+    right = memory.loss(f, idx)
+    wrong = ProxyMemory(x, Clusters(np.roll(truth, 4)), cams, temperature=0.1).loss(f, idx)
+    assert right < wrong
+    before = memory.memory.clone()
+    memory.update(f[:1], idx[:1])
+    moved = (memory.memory - before).norm(dim=1) > 0
+    assert moved.sum() == 1 and torch.allclose(memory.memory.norm(dim=1), torch.ones(6))
+
+
+@pytest.fixture
+def gallery(tmp_path):
+    from reid.synthetic import write_folder
+
+    root = write_folder(tmp_path / "data", num_train_ids=0, num_test_ids=6, num_distractors=0, cameras=2,
+                        images_per_cam=3, seed=3, size=(64, 32), with_train=False)
+    return root / "gallery"
+
+
+@pytest.fixture
+def tiny_ckpt(tmp_path):
+    return save_checkpoint(build_model(TINY), tmp_path / "tiny")  # ImageNet streams: real maps
+
+
+def test_adapt_end_to_end_writes_a_usable_checkpoint(gallery, tiny_ckpt, tmp_path):
+    seen = []
+    result = adapt(gallery, tmp_path / "run", weights=tiny_ckpt, config=FAST, device="cpu", on_epoch=seen.append)
+    assert result.epochs_done == 2 and [r["epoch"] for r in seen] == [1, 2]
+    assert all({"clusters", "outliers", "loss"} <= set(r) for r in seen)
+    adapted = load_checkpoint(result.checkpoint)
+    original = load_checkpoint(tiny_ckpt)
+    assert adapted.config == original.config
+    changed = [k for k, v in adapted.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
+    assert changed and all(not k.startswith(("stream_a.", "stream_b.")) for k in changed)  # streams frozen
+    assert (tmp_path / "run" / "adapt.jsonl").read_text().count("\n") == 2
+
+
+def test_adapt_resumes_after_an_interruption(gallery, tiny_ckpt, tmp_path):
+    whole = adapt(gallery, tmp_path / "whole", weights=tiny_ckpt, config=FAST, device="cpu")
+
+    def stop_after_first(record):
+        if record["epoch"] == 1:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        adapt(gallery, tmp_path / "cut", weights=tiny_ckpt, config=FAST, device="cpu", on_epoch=stop_after_first)
+    seen = []
+    resumed = adapt(gallery, tmp_path / "cut", weights=tiny_ckpt, config=FAST, device="cpu", on_epoch=seen.append)
+    assert [r["epoch"] for r in seen] == [2]  # epoch 1 was not run again
+    a, b = load_checkpoint(whole.checkpoint).state_dict(), load_checkpoint(resumed.checkpoint).state_dict()
+    assert all(torch.allclose(a[k].float(), b[k].float(), atol=1e-5) for k in a)
+    with pytest.raises(InputError, match="other crops or settings"):
+        adapt(gallery, tmp_path / "cut", weights=tiny_ckpt, config=AdaptConfig(epochs=3, views=2), device="cpu")
+
+
+def test_adapt_refuses_an_empty_folder_and_a_folder_of_non_images(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(InputError, match="no image files"):
+        adapt(tmp_path / "empty", tmp_path / "run", config=FAST, device="cpu")
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for i in range(3):
+        (junk / f"{i}.jpg").write_text("not an image")
+    with pytest.raises(InputError, match="0 decodable image"):
+        adapt(junk, tmp_path / "run", config=FAST, device="cpu")
+
+
+def test_adapt_command_one_line_errors_and_json(gallery, tiny_ckpt, tmp_path):
+    import json
+
+    from cli import app
+
+    runner = CliRunner()
+    (tmp_path / "empty").mkdir()
+    bad = runner.invoke(app, ["adapt", str(tmp_path / "empty"), "--out", str(tmp_path / "r0")])
+    assert bad.exit_code == 1 and bad.output.count("\n") == 1 and bad.output.startswith("error:")
+    ok = runner.invoke(app, ["adapt", str(gallery), "--out", str(tmp_path / "r1"), "--weights", str(tiny_ckpt),
+                             "--epochs", "1", "--views", "2", "--min-samples", "2", "--device", "cpu", "--json"])
+    assert ok.exit_code == 0, ok.output
+    doc = json.loads(ok.stdout.strip().splitlines()[-1])
+    assert doc["epochs_done"] == 1 and doc["crops"] == 36 and doc["checkpoint"].endswith("last")
