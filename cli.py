@@ -13,8 +13,6 @@ import os
 import sys
 from enum import Enum
 from pathlib import Path
-from typing import List, Optional
-
 import typer
 from rich.console import Console
 
@@ -101,10 +99,10 @@ def command(*args, read_only: bool = False, **kwargs):
             except ReidError as e:
                 err.print(f"[bold red]error:[/] {_message(e)}", highlight=False, soft_wrap=True)
                 _read_only_done = read_only
-                raise typer.Exit(1)
+                raise typer.Exit(1) from None  # reported above as one line
             except KeyboardInterrupt:
                 err.print("[yellow]interrupted[/]")
-                raise typer.Exit(130)
+                raise typer.Exit(130) from None
 
         return app.command(*args, **kwargs)(wrapper)
 
@@ -145,11 +143,13 @@ def _model_config(**fields):
 
 @command("model", read_only=True)
 def model_cmd(
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (folder or .pt); default: pretrained model."),
-    stream_a: Optional[str] = typer.Option(None, "--stream-a", help=f"Describe a new model with this stream A: {_STREAM_HELP}."),
-    stream_b: Optional[str] = typer.Option(None, "--stream-b", help="... and this stream B \\[efficientnet_lite0]."),
-    stream_a_weights: Optional[Path] = typer.Option(None, "--stream-a-weights", help=_STREAM_WEIGHTS_HELP.format("A")),
-    stream_b_weights: Optional[Path] = typer.Option(None, "--stream-b-weights", help=_STREAM_WEIGHTS_HELP.format("B")),
+    weights: Path | None = typer.Option(None, "--weights",
+                                        help="Checkpoint (folder or .pt); default: pretrained model."),
+    stream_a: str | None = typer.Option(None, "--stream-a",
+                                        help=f"Describe a new model with this stream A: {_STREAM_HELP}."),
+    stream_b: str | None = typer.Option(None, "--stream-b", help="... and this stream B \\[efficientnet_lite0]."),
+    stream_a_weights: Path | None = typer.Option(None, "--stream-a-weights", help=_STREAM_WEIGHTS_HELP.format("A")),
+    stream_b_weights: Path | None = typer.Option(None, "--stream-b-weights", help=_STREAM_WEIGHTS_HELP.format("B")),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
                                     help="ImageNet streams, or seeded random ones (sizes and FLOPs without weights)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -210,12 +210,13 @@ def _render_index_report(report, as_json: bool) -> None:
 def index_cmd(
     gallery: Path = typer.Argument(..., help="Folder of crops (searched recursively: jpg, jpeg, png, bmp, webp)."),
     index: Path = _index_option(),
-    weights: Optional[Path] = typer.Option(
-        None, "--weights", help="Checkpoint (folder or .pt). Default: the index's model; the pretrained model for a new index."),
+    weights: Path | None = typer.Option(
+        None, "--weights",
+        help="Checkpoint (folder or .pt). Default: the index's model; the pretrained model for a new index."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    workers: Optional[int] = _workers_option("Decoding processes"),
+    workers: int | None = _workers_option("Decoding processes"),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
-    kind: Optional[IndexKind] = typer.Option(
+    kind: IndexKind | None = typer.Option(
         None, "--kind",
         help="Vector index kind; default: keep the index's (auto for a new index: exact below 200k rows)."),
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files under GALLERY that are gone."),
@@ -230,19 +231,20 @@ def index_cmd(
     with embedding_progress(err) as bar:
         task = bar.add_task("embed", total=None)
         report = build_index(gallery, index, weights=None if weights is None else str(weights), batch_size=batch_size,
-                             workers=workers, device=device.value, kind=kind and kind.value, prune=prune, rebuild=rebuild, wait=wait,
+                             workers=workers, device=device.value, kind=kind and kind.value, prune=prune,
+                             rebuild=rebuild, wait=wait,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     _render_index_report(report, as_json)
 
 
 @command("query", read_only=True)
 def query_cmd(
-    images: List[Path] = typer.Argument(..., help="Query crop(s)."),
+    images: list[Path] = typer.Argument(..., help="Query crop(s)."),
     index: Path = _index_option(),
     top: int = typer.Option(10, "--top", min=1, help="Matches per query."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per query on stdout."),
-    save: Optional[Path] = typer.Option(None, "--save", help="Write a picture: each query beside its matches."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop matches scoring below this cosine."),
+    save: Path | None = typer.Option(None, "--save", help="Write a picture: each query beside its matches."),
+    min_score: float | None = typer.Option(None, "--min-score", help="Drop matches scoring below this cosine."),
     fuse: bool = typer.Option(False, "--fuse", help="The crops show one person: rank the gallery once by their mean "
                               "embedding (multi-shot query)."),
     other_cameras: bool = typer.Option(False, "--other-cameras", help="Leave out gallery crops from the query's own "
@@ -336,22 +338,23 @@ def demo_cmd(
 def evaluate_cmd(
     dataset: str = typer.Argument(..., help="market1501, dukemtmcreid, cuhk03, cuhk03-np or folder."),
     root: Path = typer.Option(..., "--root", help="Folder holding the dataset as its owners ship it."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Checkpoint (folder or .pt); default: pretrained model."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
-    protocol: Optional[str] = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
-    split: Optional[int] = typer.Option(None, "--split", help="cuhk03 classic split 0..19 (default: all, mean ± std)."),
+    weights: Path | None = typer.Option(None, "--weights",
+                                        help="Checkpoint (folder or .pt); default: pretrained model."),
+    variant: str | None = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
+    protocol: str | None = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
+    split: int | None = typer.Option(None, "--split", help="cuhk03 classic split 0..19 (default: all, mean ± std)."),
     rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking."),
     ap: str = typer.Option("standard", "--ap", help="standard (open-reid) or trapezoid (official Market MATLAB)."),
     flip: bool = typer.Option(False, "--flip", help="Average embeddings with horizontally flipped crops."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
-    workers: Optional[int] = _workers_option("Decoding processes"),
+    workers: int | None = _workers_option("Decoding processes"),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
-    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the CMC curve (ranks 1-50) to this picture."),
-    ranks: Optional[Path] = typer.Option(None, "--ranks", help="Write the top-10 of sampled queries to this picture."),
+    plot: Path | None = typer.Option(None, "--plot", help="Write the CMC curve (ranks 1-50) to this picture."),
+    ranks: Path | None = typer.Option(None, "--ranks", help="Write the top-10 of sampled queries to this picture."),
     ranks_queries: int = typer.Option(8, "--ranks-queries", min=1, help="Queries shown in --ranks."),
     attention: bool = typer.Option(False, "--attention", help="Overlay the model's attention on the --ranks crops."),
-    save_features: Optional[Path] = typer.Option(None, "--save-features", help="Write features, ids and paths (.npz)."),
+    save_features: Path | None = typer.Option(None, "--save-features", help="Write features, ids and paths (.npz)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of CUHK03 classic sampling and of the --ranks queries."),
 ) -> None:
@@ -384,7 +387,8 @@ def evaluate_cmd(
         err.print(f"features written to {save_features}")
     if plot is not None:
         title = f"CMC - {dataset}" + (f" ({rep['protocol']})" if dataset == "cuhk03" else "")
-        viz.save_image(plot, viz.plot_cmc({rep["weights"] if len(rep["weights"]) < 28 else "model": ev.cmc}, title=title))
+        curve_name = rep["weights"] if len(rep["weights"]) < 28 else "model"
+        viz.save_image(plot, viz.plot_cmc({curve_name: ev.cmc}, title=title))
         err.print(f"CMC curve written to {plot}")
     if ranks is not None:
         viz.save_image(ranks, ev_mod.rank_picture(ev, num_queries=ranks_queries, seed=seed, attention=attention))
@@ -416,42 +420,42 @@ def _parse_size(text: str) -> tuple[int, int]:
 def train_cmd(
     dataset: str = typer.Argument(..., help="market1501, dukemtmcreid, cuhk03, cuhk03-np or folder."),
     root: Path = typer.Option(..., "--root", help="Folder holding the dataset as its owners ship it."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Run folder (default: runs/DATASET)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs in all [60]."),
-    batch_p: Optional[int] = typer.Option(None, "--batch-p", min=1, help="Identities per batch [16]."),
-    batch_k: Optional[int] = typer.Option(None, "--batch-k", min=1, help="Images per identity [4]."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="Head learning rate (AdamW) [3.5e-4]."),
-    backbone_lr_mult: Optional[float] = typer.Option(None, "--backbone-lr-mult", help="Streams' lr / head lr [0.1]."),
-    weight_decay: Optional[float] = typer.Option(None, "--weight-decay", help="[5e-4]"),
-    schedule: Optional[str] = typer.Option(None, "--schedule", help="cosine, step or constant \\[cosine]."),
-    warmup_epochs: Optional[int] = typer.Option(None, "--warmup-epochs", min=0, help="Linear warm-up [5]."),
-    milestones: Optional[str] = typer.Option(None, "--milestones", help="Step schedule: epochs of x0.1, e.g. 40,70."),
-    freeze_backbone_epochs: Optional[int] = typer.Option(None, "--freeze-backbone-epochs", min=0,
+    out_dir: Path | None = typer.Option(None, "--out", help="Run folder (default: runs/DATASET)."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs in all [60]."),
+    batch_p: int | None = typer.Option(None, "--batch-p", min=1, help="Identities per batch [16]."),
+    batch_k: int | None = typer.Option(None, "--batch-k", min=1, help="Images per identity [4]."),
+    lr: float | None = typer.Option(None, "--lr", help="Head learning rate (AdamW) [3.5e-4]."),
+    backbone_lr_mult: float | None = typer.Option(None, "--backbone-lr-mult", help="Streams' lr / head lr [0.1]."),
+    weight_decay: float | None = typer.Option(None, "--weight-decay", help="[5e-4]"),
+    schedule: str | None = typer.Option(None, "--schedule", help="cosine, step or constant \\[cosine]."),
+    warmup_epochs: int | None = typer.Option(None, "--warmup-epochs", min=0, help="Linear warm-up [5]."),
+    milestones: str | None = typer.Option(None, "--milestones", help="Step schedule: epochs of x0.1, e.g. 40,70."),
+    freeze_backbone_epochs: int | None = typer.Option(None, "--freeze-backbone-epochs", min=0,
                                                          help="Train only the head for the first N epochs [0]."),
-    attention_entropy: Optional[float] = typer.Option(None, "--attention-entropy", min=0.0,
+    attention_entropy: float | None = typer.Option(None, "--attention-entropy", min=0.0,
                                                       help="Weight of the attention-entropy regulariser [0]."),
-    precision: Optional[str] = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 (CUDA) \\[auto]."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of sampling, augmentation, init [0]."),
-    eval_every: Optional[int] = typer.Option(None, "--eval-every", min=0,
+    precision: str | None = typer.Option(None, "--precision", help="auto, fp32, bf16 or fp16 (CUDA) \\[auto]."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of sampling, augmentation, init [0]."),
+    eval_every: int | None = typer.Option(None, "--eval-every", min=0,
                                              help="Evaluate every N epochs and at the end; 0 = never [10]."),
-    input_size: Optional[str] = typer.Option(None, "--input-size", help="Crop size HxW [256x128]."),
-    stream_a: Optional[str] = typer.Option(None, "--stream-a", help=f"Stream A: {_STREAM_HELP} \\[mobilenet_v2]."),
-    stream_b: Optional[str] = typer.Option(None, "--stream-b", help=f"Stream B: {_STREAM_HELP} \\[efficientnet_lite0]."),
-    stream_a_weights: Optional[Path] = typer.Option(None, "--stream-a-weights", help=_STREAM_WEIGHTS_HELP.format("A")),
-    stream_b_weights: Optional[Path] = typer.Option(None, "--stream-b-weights", help=_STREAM_WEIGHTS_HELP.format("B")),
+    input_size: str | None = typer.Option(None, "--input-size", help="Crop size HxW [256x128]."),
+    stream_a: str | None = typer.Option(None, "--stream-a", help=f"Stream A: {_STREAM_HELP} \\[mobilenet_v2]."),
+    stream_b: str | None = typer.Option(None, "--stream-b", help=f"Stream B: {_STREAM_HELP} \\[efficientnet_lite0]."),
+    stream_a_weights: Path | None = typer.Option(None, "--stream-a-weights", help=_STREAM_WEIGHTS_HELP.format("A")),
+    stream_b_weights: Path | None = typer.Option(None, "--stream-b-weights", help=_STREAM_WEIGHTS_HELP.format("B")),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet streams."),
-    variant: Optional[str] = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
-    protocol: Optional[str] = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
-    split: Optional[int] = typer.Option(None, "--split", help="cuhk03 classic split 0..19."),
+    variant: str | None = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
+    protocol: str | None = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
+    split: int | None = typer.Option(None, "--split", help="cuhk03 classic split 0..19."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
-    workers: Optional[int] = _workers_option("Decoding + augmentation processes"),
+    workers: int | None = _workers_option("Decoding + augmentation processes"),
     eval_batch_size: int = typer.Option(64, "--eval-batch-size", min=1),
-    max_minutes: Optional[float] = typer.Option(None, "--max-minutes", min=0.0,
+    max_minutes: float | None = typer.Option(None, "--max-minutes", min=0.0,
                                                 help="Stop after the epoch past which another would not fit."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out exactly where it stopped."),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
 ) -> None:
-    """Train the network on a dataset's training split; checkpoints in OUT/last and OUT/best, log in OUT/metrics.jsonl."""
+    """Train the network on a dataset's training split; checkpoints in OUT/last and OUT/best, log in OUT/metrics.jsonl."""  # noqa: E501 - Typer prints this line as is in `reid --help`; a wrap would show there
     import json
 
     from reid.console import training_progress, training_table
@@ -503,14 +507,15 @@ def train_cmd(
 def adapt_cmd(
     gallery: Path = typer.Argument(..., help="Folder of unlabeled pedestrian crops from your own cameras."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder: the adapted checkpoint is OUT/last."),
-    weights: Optional[Path] = typer.Option(None, "--weights", help="Start from this checkpoint [the default model]."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Epochs of re-clustering + training [12]."),
-    eps: Optional[float] = typer.Option(None, "--eps", help="DBSCAN radius on Jaccard distances [0.6]."),
-    min_samples: Optional[int] = typer.Option(None, "--min-samples", min=1, help="Crops that make a cluster [4]."),
-    views: Optional[int] = typer.Option(None, "--views", min=1, help="Cached views per crop, the clean one included [4]."),
-    camera_aware: Optional[bool] = typer.Option(None, "--camera-aware/--no-camera-aware",
-                                                help="One proxy per cluster and camera (cameras from Market-style names)."),
-    seed: Optional[int] = typer.Option(None, "--seed", min=0, help="Seed of views and sampling [0]."),
+    weights: Path | None = typer.Option(None, "--weights", help="Start from this checkpoint [the default model]."),
+    epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs of re-clustering + training [12]."),
+    eps: float | None = typer.Option(None, "--eps", help="DBSCAN radius on Jaccard distances [0.6]."),
+    min_samples: int | None = typer.Option(None, "--min-samples", min=1, help="Crops that make a cluster [4]."),
+    views: int | None = typer.Option(None, "--views", min=1, help="Cached views per crop, the clean one included [4]."),
+    camera_aware: bool | None = typer.Option(
+        None, "--camera-aware/--no-camera-aware",
+        help="One proxy per cluster and camera (cameras from Market-style names)."),
+    seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of views and sampling [0]."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
 ) -> None:
@@ -528,7 +533,7 @@ def adapt_cmd(
     with bar:
         result = adapt(gallery, out_dir, weights=weights, config=config, device=device.value, on_epoch=on_epoch,
                        progress=on_progress)
-    for path, reason in result.failed:
+    for _, reason in result.failed:
         err.print(f"[yellow]skipped[/] {reason}", highlight=False)
     summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "crops": result.crops,
                "skipped": len(result.failed), "epochs_done": result.epochs_done,

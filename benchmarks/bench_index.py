@@ -58,7 +58,8 @@ def clustered(n: int, *, seed: int, dim: int = DIM, images_per_id: int = 20, ids
     basis = base.standard_normal((64, dim)).astype(np.float32)
     centres = base.standard_normal((looks, 64)).astype(np.float32) @ basis
     centres /= np.linalg.norm(centres, axis=1, keepdims=True)
-    people = centres[np.arange(ids) % looks] + spread * base.standard_normal((ids, dim)).astype(np.float32) / np.sqrt(dim)
+    noise = base.standard_normal((ids, dim)).astype(np.float32)
+    people = centres[np.arange(ids) % looks] + spread * noise / np.sqrt(dim)
     people /= np.linalg.norm(people, axis=1, keepdims=True)
     rng = np.random.default_rng(seed)
     who = rng.integers(0, ids, n)
@@ -171,16 +172,12 @@ def bench_index(work: Path, n_images: int, rounds: int, rows: list) -> None:
                  "orientation", f"{shell:.1f} s"))
 
 
-def bench_query(work: Path, n_rows: int, repeats: int, rows: list) -> None:
-    import faiss
-
+def _query_index(idx: Path, n_rows: int, vecs: np.ndarray, cams: np.ndarray, rows: list) -> None:
+    """Fill ``idx`` with ``n_rows`` synthetic rows unless it already holds them (timing the insert into ``rows``)."""
     from reid.model import build_model, model_fingerprint
     from reid.model.identity import ModelRef
-    from reid.store import Filter, Record, open_gallery
+    from reid.store import Record, open_gallery
 
-    idx = work / f"index-{n_rows}"
-    vecs = clustered(n_rows, seed=1)
-    cams = np.arange(n_rows) % 6 + 1
     fresh = (idx / "catalogue.sqlite").exists()
     if fresh:
         with open_gallery(idx) as g:
@@ -192,10 +189,23 @@ def bench_query(work: Path, n_rows: int, repeats: int, rows: list) -> None:
             t = time.perf_counter()
             for s in range(0, n_rows, 20000):
                 recs = [Record(f"/bench/gallery/{i:07d}_c{cams[i]}s1_000000_01.jpg", f"{i:064x}", 1, 1, i // 20,
-                               int(cams[i]), "/bench/gallery", time=1.7e9 + i) for i in range(s, min(s + 20000, n_rows))]
+                               int(cams[i]), "/bench/gallery", time=1.7e9 + i)
+                        for i in range(s, min(s + 20000, n_rows))]
                 store.add(recs, vecs[s : s + 20000])
             store.sync()
-            rows.append(("query", f"insert {n_rows} rows + build/save FAISS", f"{time.perf_counter() - t:.1f} s", "", ""))
+            rows.append(("query", f"insert {n_rows} rows + build/save FAISS", f"{time.perf_counter() - t:.1f} s",
+                         "", ""))
+
+
+def bench_query(work: Path, n_rows: int, repeats: int, rows: list) -> None:
+    import faiss
+
+    from reid.store import Filter, open_gallery
+
+    idx = work / f"index-{n_rows}"
+    vecs = clustered(n_rows, seed=1)
+    cams = np.arange(n_rows) % 6 + 1
+    _query_index(idx, n_rows, vecs, cams, rows)
     queries = clustered(n_rows, seed=2)[:100]
     query_cams = [int(c) for c in np.arange(len(queries)) % 6 + 1]
 
@@ -235,7 +245,8 @@ def bench_query(work: Path, n_rows: int, repeats: int, rows: list) -> None:
     rows.append(("query", f"faiss IndexFlatIP.search, 1 query x {n_rows}", f"{trap:.1f} ms", "baseline", ""))
     rows.append(("query", "GalleryStore.search, 1 query (incl. SQLite rows)", f"{ours:.1f} ms", "<= 10 ms",
                  f"{trap / ours:.1f}x faster {'ok' if ours <= 10 else 'MISS'}"))
-    rows.append(("query", "  over-fetch k x 4, own camera dropped above the store", f"{fetched:.1f} ms", "baseline", ""))
+    rows.append(("query", "  over-fetch k x 4, own camera dropped above the store", f"{fetched:.1f} ms", "baseline",
+                 ""))
     rows.append(("query", "  Filter(cameras_excluded) inside the search (SQLite ids + mask)", f"{pushed:.1f} ms", "",
                  f"{fetched / pushed:.1f}x the over-fetch, same hits"))
 
@@ -285,7 +296,7 @@ def bench_ann(n: int, kind: str, spread: float, rows: list) -> None:
         _, ids = vi.search(q[None], 10)
         per.append(time.perf_counter() - t)
         found.append(ids[0])
-    recall = float(np.mean([len(set(f.tolist()) & set(e.tolist())) / 10 for f, e in zip(found, truth)]))
+    recall = float(np.mean([len(set(f.tolist()) & set(e.tolist())) / 10 for f, e in zip(found, truth, strict=True)]))
     ms = float(np.mean(per) * 1e3)
     med, p95 = float(np.median(per) * 1e3), float(np.percentile(per, 95) * 1e3)
     flat_ms = None
@@ -297,13 +308,14 @@ def bench_ann(n: int, kind: str, spread: float, rows: list) -> None:
             exact.search(q[None], 10)
         flat_ms = (time.perf_counter() - t) / 10 * 1e3
         del exact
-    rows.append(("ann", f"{n} clustered vectors (spread {spread}): generate / build {concrete}", f"{gen:.0f} s / {build:.1f} s",
-                 "", f"kind {kind} -> {concrete}"))
+    rows.append(("ann", f"{n} clustered vectors (spread {spread}): generate / build {concrete}",
+                 f"{gen:.0f} s / {build:.1f} s", "", f"kind {kind} -> {concrete}"))
     if flat_ms is not None:
         rows.append(("ann", "exact search (flat), 1 query", f"{flat_ms:.1f} ms", "baseline", ""))
     rows.append(("ann", f"{concrete} recall@10 vs exact (200 queries)", f"{recall:.3f}", ">= 0.95",
                  "ok" if recall >= 0.95 else "MISS"))
-    rows.append(("ann", f"{concrete} search, 1 query: mean (median, p95)", f"{ms:.2f} ms ({med:.2f}, {p95:.2f})", "<= 5 ms",
+    rows.append(("ann", f"{concrete} search, 1 query: mean (median, p95)", f"{ms:.2f} ms ({med:.2f}, {p95:.2f})",
+                 "<= 5 ms",
                  ("ok" if ms <= 5 else "MISS") + (f", {flat_ms / ms:.0f}x faster than exact" if flat_ms else "")))
     _ = exact_ms
 
@@ -316,7 +328,7 @@ def bench_ann(n: int, kind: str, spread: float, rows: list) -> None:
         mask = cams != c
         qs = queries[qcams == c]
         truth_c = rows_c[exact_top(qs, gallery[rows_c], 10)]
-        for q, e in zip(qs, truth_c):
+        for q, e in zip(qs, truth_c, strict=True):
             t = time.perf_counter()
             _, ids = vi.search(q[None], 10, mask)
             per_f.append(time.perf_counter() - t)
@@ -325,8 +337,8 @@ def bench_ann(n: int, kind: str, spread: float, rows: list) -> None:
             assert (cams[ids[0][ids[0] >= 0]] != c).all()
     rows.append(("ann", f"{concrete} recall@10, own camera left out (filter in the search)", f"{np.mean(recalls):.3f}",
                  ">= 0.95", "ok" if np.mean(recalls) >= 0.95 else "MISS"))
-    rows.append(("ann", f"{concrete} search with that filter, 1 query: median", f"{np.median(per_f) * 1e3:.2f} ms", "<= 5 ms",
-                 "ok" if np.median(per_f) * 1e3 <= 5 else "MISS"))
+    rows.append(("ann", f"{concrete} search with that filter, 1 query: median", f"{np.median(per_f) * 1e3:.2f} ms",
+                 "<= 5 ms", "ok" if np.median(per_f) * 1e3 <= 5 else "MISS"))
 
 
 def main() -> None:
@@ -361,15 +373,16 @@ def main() -> None:
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title=f"bench_index ({os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')})")
+    table = Table(title=f"bench_index ({os.cpu_count()} CPUs, "
+                        f"OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '-')})")
     for col in ("part", "measure", "value", "target", "result"):
         table.add_column(col)
     for r in rows:
         table.add_row(*r)
     Console(width=160).print(table)
     if args.json:
-        args.json.write_text(json.dumps([dict(zip(("part", "measure", "value", "target", "result"), r)) for r in rows],
-                                        indent=1))
+        columns = ("part", "measure", "value", "target", "result")
+        args.json.write_text(json.dumps([dict(zip(columns, r, strict=True)) for r in rows], indent=1))
 
 
 if __name__ == "__main__":

@@ -79,6 +79,20 @@ def agreement(ref: torch.Tensor, other: torch.Tensor) -> dict[str, float]:
     }
 
 
+def interleaved_times(cands: dict, x: torch.Tensor, rounds: int, iters: int) -> dict[str, list[float]]:
+    """Seconds per call of each candidate on ``x``, one entry per round; the candidates take turns each round."""
+    times = {k: [] for k in cands}
+    for f in cands.values():
+        f(x)  # warm-up (builds the fused copy, primes oneDNN)
+    for _ in range(rounds):
+        for k, f in cands.items():
+            t = time.perf_counter()
+            for _ in range(iters):
+                f(x)
+            times[k].append((time.perf_counter() - t) / iters)
+    return times
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--threads", type=int, default=2)
@@ -117,16 +131,7 @@ def main() -> None:
 
     rows = []
     for batch, rounds, iters in ((args.batch, args.rounds, 1), (1, 3, 8)):
-        x = torch.rand(batch, 3, 256, 128)
-        times = {k: [] for k in cands}
-        for f in cands.values():
-            f(x)  # warm-up (builds the fused copy, primes oneDNN)
-        for _ in range(rounds):
-            for k, f in cands.items():
-                t = time.perf_counter()
-                for _ in range(iters):
-                    f(x)
-                times[k].append((time.perf_counter() - t) / iters)
+        times = interleaved_times(cands, torch.rand(batch, 3, 256, 128), rounds, iters)
         base = statistics.median(times["ResNet-50 fp32 channels-last"])
         for k in cands:
             med = statistics.median(times[k])
@@ -139,12 +144,14 @@ def main() -> None:
 
     xs, _ = crops()
     ref = torch.cat([ours("plain")(xs[i : i + 32]) for i in range(0, len(xs), 32)])
-    print(f"\nagreement with plain fp32 on {len(xs)} crops (cosine; share of images whose ranking of the others is unchanged)")
+    print(f"\nagreement with plain fp32 on {len(xs)} crops "
+          "(cosine; share of images whose ranking of the others is unchanged)")
     print(f"{'mode':<30} {'cos min':>8} {'cos mean':>9} {'top-1':>7} {'top-5 set':>10} {'full':>7}")
     for mode in ("fused", "bf16", "fp16"):
         emb = torch.cat([ours(mode)(xs[i : i + 32]) for i in range(0, len(xs), 32)])
         a = agreement(ref, emb)
-        print(f"{mode:<30} {a['cos_min']:8.5f} {a['cos_mean']:9.5f} {a['top1']:7.1%} {a['top5']:10.1%} {a['full']:7.1%}")
+        print(f"{mode:<30} {a['cos_min']:8.5f} {a['cos_mean']:9.5f} {a['top1']:7.1%} {a['top5']:10.1%} "
+              f"{a['full']:7.1%}")
     print("\nrule: a faster mode is used only with cos min >= 0.999 and unchanged rankings")
 
 

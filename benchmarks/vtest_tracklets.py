@@ -331,7 +331,8 @@ def _best_two(m: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def _clean(box: np.ndarray, score: float, covered: float, width: int, height: int, config: TrackConfig) -> bool:
     x1, y1, x2, y2 = box
-    inside = x1 >= config.border and y1 >= config.border and x2 <= width - config.border and y2 <= height - config.border
+    inside = (x1 >= config.border and y1 >= config.border
+              and x2 <= width - config.border and y2 <= height - config.border)
     return bool(inside and score >= config.crop_score and covered <= config.overlap and y2 - y1 >= config.min_height)
 
 
@@ -344,7 +345,7 @@ def split_tracks(tracks: list[_Track], config: TrackConfig) -> list[tuple[int, s
     tracks = sorted(tracks, key=lambda t: t.frames[0])
     pid = 0
     for ti, t in enumerate(tracks):
-        clean = [(f, b, s) for f, b, s, c in zip(t.frames, t.boxes, t.scores, t.clean) if c]
+        clean = [(f, b, s) for f, b, s, c in zip(t.frames, t.boxes, t.scores, t.clean, strict=True) if c]
         first, last = clean[0][0], clean[-1][0]
         span = last - first
         q_end = first + config.query_frac * span
@@ -439,7 +440,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"{ts.root}\n{s['identities']} identities from {s['tracks_kept']} tracklets "
           f"({s['distractor_tracks']} distractor tracklets); {s['query_crops']} query / {s['gallery_crops']} gallery "
           f"crops; detector {s['detector_ms_per_frame']} ms/frame on {s['frames_detected']} frames, "
-          f"{s['detections_per_frame']} people/frame; built in {s['build_s']} s, loaded in {time.perf_counter() - t:.1f} s")
+          f"{s['detections_per_frame']} people/frame; built in {s['build_s']} s, "
+          f"loaded in {time.perf_counter() - t:.1f} s")
 
 
 if __name__ == "__main__":

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
+from collections.abc import Callable
 
 from rich.console import Console
 from rich.table import Table
@@ -55,7 +56,8 @@ def model_table(info: dict[str, Any]) -> Table:
         ("embedding", f"{d['embed_dim']} (BNNeck, L2-normalised)"),
         ("classifier", f"{d['num_classes']} identities" if d["num_classes"] else "none"),
         ("parameters", f"{p['total'] / 1e6:.2f} M (streams {p['backbone'] / 1e6:.2f} M, head {p['head'] / 1e6:.2f} M)"),
-        ("FLOPs / image", f"{f['total'] / 1e9:.2f} G (streams {f['streams'] / 1e9:.2f} G, head {f['head'] / 1e9:.2f} G)"),
+        ("FLOPs / image",
+         f"{f['total'] / 1e9:.2f} G (streams {f['streams'] / 1e9:.2f} G, head {f['head'] / 1e9:.2f} G)"),
     ])
 
 
@@ -107,9 +109,10 @@ def print_matches(console: Console, result) -> None:
     common = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths) if paths else ""
     if len(common) > 1:
         paths = [os.path.relpath(p, common) for p in paths]
-    for m, path in zip(result.matches, paths):
+    for m, path in zip(result.matches, paths, strict=True):
         same = result.pid is not None and result.pid > 0 and m.pid == result.pid
-        table.add_row(str(m.rank), f"{m.score:.4f}", known(m.camid), known(m.pid), path, style="green" if same else None)
+        table.add_row(str(m.rank), f"{m.score:.4f}", known(m.camid), known(m.pid), path,
+                      style="green" if same else None)
     if not result.matches:
         table.caption = "no match above --min-score"
     console.print(table)

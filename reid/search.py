@@ -10,7 +10,7 @@ import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -93,7 +93,7 @@ class Searcher:
         self.device = device
 
     @classmethod
-    def open(cls, index: str | os.PathLike, *, device: str = "auto") -> "Searcher":
+    def open(cls, index: str | os.PathLike, *, device: str = "auto") -> Searcher:
         """Open a non-empty gallery read-only and load its model; StoreError when either is unusable."""
         from reid.runtime import resolve_device
 
@@ -106,8 +106,9 @@ class Searcher:
             raise
 
     @classmethod
-    def on(cls, gallery: Gallery, device) -> "Searcher":
-        """A searcher over an open gallery with the model its vectors come from (StoreError if it is gone or changed)."""
+    def on(cls, gallery: Gallery, device) -> Searcher:
+        """A searcher over an open gallery with the model its vectors come from (StoreError if it is gone or
+        changed)."""
         from reid.model.identity import load_built_with
 
         built_with = gallery.built_with()
@@ -120,7 +121,7 @@ class Searcher:
         """Close the gallery."""
         self.gallery.close()
 
-    def __enter__(self) -> "Searcher":
+    def __enter__(self) -> Searcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -159,7 +160,8 @@ class Searcher:
             filters = [base.excluding_cameras(cam for _, cam in names) if other_cameras else base]
         hits = self.gallery.search(vectors, top, filters)
         results = []
-        for p, (pid, camid), row in zip(paths, names, hits):
+        # Not strict: with ``fuse`` there is one row of hits for all the paths (one result).
+        for p, (pid, camid), row in zip(paths, names, hits, strict=False):
             matches = [Match(r, h.score, h.path, h.camid, h.pid) for r, h in enumerate(row, 1)
                        if min_score is None or h.score >= min_score]
             results.append(QueryResult(str(p), matches, pid, camid))

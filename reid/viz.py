@@ -93,17 +93,9 @@ def plot_cmc(
     title: str = "CMC",
 ) -> np.ndarray:
     """Draw one or more CMC curves (values in [0,1], index 0 = rank 1) as an RGB image of ``size`` (H, W)."""
-    if not isinstance(curves, Mapping):
-        curves = {"CMC": np.asarray(curves)}
-    if not curves:
-        raise InputError("plot_cmc needs at least one curve")
+    data = _cmc_curves(curves, max_rank, size)
     h, w = size
-    if h < 200 or w < 260:
-        raise InputError(f"a CMC plot needs at least 200x260 pixels, got {h}x{w}")
-    data = {k: np.asarray(v, dtype=np.float64).ravel()[:max_rank] for k, v in curves.items()}
     n = max(len(v) for v in data.values())
-    if n == 0:
-        raise InputError("plot_cmc got an empty curve")
     img = np.full((h, w, 3), 255, np.uint8)
     left, right, top, bottom = 64, 16, 36, 48
     x0, x1, y0, y1 = left, w - right, top, h - bottom  # plot box; y0 is the top edge
@@ -138,7 +130,7 @@ def plot_cmc(
     _centered(ylab, "matching rate", 60, 12, 0.45)
     ylab = np.rot90(ylab)  # vertical axis label, reading bottom to top
     ly = (y0 + y1) // 2 - ylab.shape[0] // 2
-    if 0 <= ly and ly + ylab.shape[0] <= h:
+    if ly >= 0 and ly + ylab.shape[0] <= h:
         img[ly : ly + ylab.shape[0], 4 : 4 + ylab.shape[1]] = ylab
 
     legend_y = y1 - 10 - 18 * (len(data) - 1)
@@ -154,6 +146,22 @@ def plot_cmc(
         cv2.line(img, (x1 - tw - 40, ly - 4), (x1 - tw - 16, ly - 4), colour, 2, cv2.LINE_AA)
         cv2.putText(img, text, (x1 - tw - 8, ly), FONT, 0.45, ink, 1, cv2.LINE_AA)
     return img
+
+
+def _cmc_curves(curves: Mapping[str, np.ndarray] | np.ndarray, max_rank: int,
+                size: tuple[int, int]) -> dict[str, np.ndarray]:
+    """``plot_cmc``'s curves as named float64 vectors cut at ``max_rank``; InputError when there is nothing to draw."""
+    if not isinstance(curves, Mapping):
+        curves = {"CMC": np.asarray(curves)}
+    if not curves:
+        raise InputError("plot_cmc needs at least one curve")
+    h, w = size
+    if h < 200 or w < 260:
+        raise InputError(f"a CMC plot needs at least 200x260 pixels, got {h}x{w}")
+    data = {k: np.asarray(v, dtype=np.float64).ravel()[:max_rank] for k, v in curves.items()}
+    if max(len(v) for v in data.values()) == 0:
+        raise InputError("plot_cmc got an empty curve")
+    return data
 
 
 def _rank_ticks(n: int) -> list[int]:
@@ -318,7 +326,8 @@ def draw_rank_lists(
 
     distances = np.asarray(distances)
     if distances.shape != (len(query_paths), len(gallery_paths)):
-        raise InputError(f"distances {distances.shape} do not match {len(query_paths)} queries x {len(gallery_paths)} gallery")
+        raise InputError(f"distances {distances.shape} do not match {len(query_paths)} queries x "
+                         f"{len(gallery_paths)} gallery")
     top = min(top, len(gallery_paths))
     rows = []
     for qi, qpath in enumerate(query_paths):

@@ -17,10 +17,9 @@ def test_success_replaces_and_leaves_no_temp(tmp_path):
 def test_failure_keeps_the_old_file_and_removes_the_temp(tmp_path):
     target = tmp_path / "a.json"
     target.write_text("old")
-    with pytest.raises(RuntimeError):
-        with atomic_path(target) as tmp:
-            tmp.write_text("half")
-            raise RuntimeError("killed mid-write")
+    with pytest.raises(RuntimeError), atomic_path(target) as tmp:
+        tmp.write_text("half")
+        raise RuntimeError("killed mid-write")
     assert target.read_text() == "old"
     assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
@@ -43,10 +42,9 @@ def test_atomic_dir_failure_keeps_the_old_folder_whole(tmp_path):
     target.mkdir()
     (target / "weights").write_text("old weights")
     (target / "config").write_text("old config")
-    with pytest.raises(RuntimeError):
-        with atomic_dir(target) as tmp:
-            (tmp / "weights").write_text("new weights")
-            raise RuntimeError("killed between the two files")
+    with pytest.raises(RuntimeError), atomic_dir(target) as tmp:
+        (tmp / "weights").write_text("new weights")
+        raise RuntimeError("killed between the two files")
     assert sorted(p.read_text() for p in target.iterdir()) == ["old config", "old weights"]
     assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]
 

@@ -286,7 +286,7 @@ def test_query_json_lines_parse_and_rank_the_image_itself_first(built, tmp_path)
     assert len(lines) == 2
     docs = [json.loads(ln) for ln in lines]
     assert [d["query"] for d in docs] == [str(files[0]), str(files[4])]
-    for d, f in zip(docs, (files[0], files[4])):
+    for d, f in zip(docs, (files[0], files[4]), strict=True):
         assert [m["rank"] for m in d["matches"]] == [1, 2, 3, 4]
         assert set(d["matches"][0]) == {"rank", "score", "path", "camid", "pid"}
         assert d["matches"][0]["path"] == str(f.resolve()) and d["matches"][0]["score"] > 0.999
@@ -464,7 +464,7 @@ def test_other_cameras_leaves_out_the_query_camera(built, tmp_path, monkeypatch)
     res = run("query", files[0], files[4], "--index", idx, "--json", "--top", "5", "--other-cameras")
     assert res.exit_code == 0, res.output
     docs = [json.loads(line) for line in res.stdout.splitlines()]
-    for doc, cam in zip(docs, (1, 2)):
+    for doc, cam in zip(docs, (1, 2), strict=True):
         assert len(doc["matches"]) == 5 and all(m["camid"] != cam for m in doc["matches"])
         assert [m["rank"] for m in doc["matches"]] == [1, 2, 3, 4, 5]
     everything = run("query", files[0], "--index", idx, "--json", "--top", "9", "--other-cameras")

@@ -185,7 +185,8 @@ def test_real_config_files_reproduce_the_real_protocol(tmp_path: Path):
         shutil.copy(src / f"cuhk03_new_protocol_config_{variant}.mat", tmp_path)
         folder = tmp_path / f"images_{variant}"
         folder.mkdir()
-        names = [str(x[0]) for x in scipy.io.loadmat(src / f"cuhk03_new_protocol_config_{variant}.mat")["filelist"].reshape(-1)]
+        config = scipy.io.loadmat(src / f"cuhk03_new_protocol_config_{variant}.mat")
+        names = [str(x[0]) for x in config["filelist"].reshape(-1)]
         for n in names:
             (folder / n).touch()
         ds = load("cuhk03", tmp_path, variant=variant)

@@ -68,8 +68,8 @@ def test_batch_equals_one_by_one_and_frames_may_differ_in_size(detector, astrona
     batch = detector.detect_batch(frames)
     single = [detector.detect(f) for f in frames]
     assert [len(b) for b in batch] == [len(s) for s in single]
-    for bs, ss in zip(batch, single):
-        for b, s in zip(bs, ss):
+    for bs, ss in zip(batch, single, strict=True):
+        for b, s in zip(bs, ss, strict=True):
             assert np.allclose([b.x1, b.y1, b.x2, b.y2], [s.x1, s.y1, s.x2, s.y2], atol=0.5)
             assert abs(b.score - s.score) < 5e-3  # batched convolutions round a little differently
     assert detector.detect_batch([]) == []
@@ -81,7 +81,7 @@ def test_score_threshold_and_min_size_filter(astronaut):
     assert SSDLiteDetector(score_threshold=min(1.0, score + 0.02)).detect(astronaut) == []
     low = SSDLiteDetector(score_threshold=0.02, min_height=0, min_width=0).detect(astronaut)
     assert len(low) >= 1 and low[0].score == pytest.approx(score, abs=1e-3)
-    assert all(a.score >= b.score for a, b in zip(low, low[1:]))
+    assert all(a.score >= b.score for a, b in zip(low, low[1:], strict=False))  # neighbouring pairs
     assert SSDLiteDetector(score_threshold=0.5, min_height=500).detect(astronaut) == []
     assert SSDLiteDetector(score_threshold=0.5, min_width=400).detect(astronaut) == []
     assert len(SSDLiteDetector(score_threshold=0.5, min_height=400, min_width=300).detect(astronaut)) == 1

@@ -43,7 +43,8 @@ def unit(rng: np.random.Generator, n: int) -> np.ndarray:
 
 
 def row(i: int) -> Record:
-    """Row i: identity i % 7, camera 1 + i % 3 (none for every tenth), two sources, time 1000 + i (none for every tenth)."""
+    """Row i: identity i % 7, camera 1 + i % 3 (none for every tenth), two sources, time 1000 + i (none for every
+    tenth)."""
     blank = i % 10 == 9
     source = "/g1" if i < N // 2 else "/g2"
     return Record(f"{source}/{i:03d}.jpg", f"sha-{i}", 100 + i, 10**9 + i, i % 7, None if blank else 1 + i % 3,
@@ -65,7 +66,7 @@ def gallery(location):
 @pytest.fixture
 def filled(gallery):
     ids = gallery.add(ROWS, VECTORS)
-    return gallery, dict(zip(ids, range(N)))  # id -> row number
+    return gallery, dict(zip(ids, range(N), strict=True))  # id -> row number
 
 
 def allows(f: Filter, r: Record) -> bool:
@@ -78,7 +79,10 @@ def allows(f: Filter, r: Record) -> bool:
             and (f.until is None or (r.time is not None and r.time <= f.until)))
 
 
-def expected_top(q: np.ndarray, k: int, f: Filter = Filter()) -> list[int]:
+NO_FILTER = Filter()  # frozen; a module-level default rather than a call in the signature (B008)
+
+
+def expected_top(q: np.ndarray, k: int, f: Filter = NO_FILTER) -> list[int]:
     """Row numbers of the exact top-k among the rows ``f`` lets through."""
     ok = np.array([allows(f, r) for r in ROWS])
     order = np.argsort(-(VECTORS @ q))
@@ -114,7 +118,7 @@ def test_add_get_count_and_exact_search(filled):
     assert g.get(list(rownum)[:5] + [10**9]) == {i: ROWS[rownum[i]] for i in list(rownum)[:5]}
     hits = g.search(QUERIES, 5)
     assert len(hits) == len(QUERIES)
-    for q, found in zip(QUERIES, hits):
+    for q, found in zip(QUERIES, hits, strict=True):
         assert all(isinstance(h, Hit) for h in found)
         assert [rownum[h.id] for h in found] == expected_top(q, 5)
         assert [h.score for h in found] == pytest.approx(np.sort(VECTORS @ q)[::-1][:5].tolist(), abs=1e-5)
@@ -162,7 +166,7 @@ def test_each_filter_is_applied_inside_the_search(filled, name):
     assert g.count(f) == passing
     for k in (1, 5, N):
         hits = g.search(QUERIES, k, f)
-        for q, found in zip(QUERIES, hits):
+        for q, found in zip(QUERIES, hits, strict=True):
             assert [rownum[h.id] for h in found] == expected_top(q, k, f)  # k hits whenever k rows pass
             assert len(found) == min(k, passing) and all(allows(f, h.record) for h in found)
 
@@ -171,7 +175,7 @@ def test_each_query_can_have_its_own_filter(filled):
     g, rownum = filled
     filters = [FILTERS["other cameras"], Filter(), FILTERS["identity"], FILTERS["other cameras"]]
     hits = g.search(QUERIES, 4, filters)
-    for q, f, found in zip(QUERIES, filters, hits):
+    for q, f, found in zip(QUERIES, filters, hits, strict=True):
         assert [rownum[h.id] for h in found] == expected_top(q, 4, f)
     with pytest.raises(ValueError, match="filters for"):
         g.search(QUERIES, 4, filters[:2])

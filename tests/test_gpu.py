@@ -97,14 +97,16 @@ def test_index_and_query_on_the_device(tmp_path):
     gallery.mkdir()
     for i, img in enumerate(crops(9, (128, 64))):
         rgb = (img.transpose(1, 2, 0) * 255).round().astype(np.uint8)
-        cv2.imwrite(str(gallery / f"{i % 3 + 1:04d}_c{i % 4 + 1}s1_{i:06d}_01.jpg"), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+        name = f"{i % 3 + 1:04d}_c{i % 4 + 1}s1_{i:06d}_01.jpg"
+        cv2.imwrite(str(gallery / name), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
     runner = CliRunner()
     built = runner.invoke(cli.app, ["index", str(gallery), "--index", str(tmp_path / "idx"), "--weights", str(ckpt),
                                     "--device", DEVICE, "--json"])
     assert built.exit_code == 0, built.output
     assert json.loads(built.stdout)["added"] == 9
     query = sorted(gallery.iterdir())[4]
-    found = runner.invoke(cli.app, ["query", str(query), "--index", str(tmp_path / "idx"), "--device", DEVICE, "--json"])
+    found = runner.invoke(cli.app, ["query", str(query), "--index", str(tmp_path / "idx"), "--device", DEVICE,
+                                    "--json"])
     assert found.exit_code == 0, found.output
     top = json.loads(found.stdout)["matches"][0]
     assert Path(top["path"]).name == query.name and top["score"] > 0.999

@@ -117,7 +117,8 @@ def reference_spatial_lstm(lstm: SpatialLSTM2d, x: torch.Tensor) -> torch.Tensor
             for j in range(gw):
                 h_up, c_up = (h[i - 1][j], c[i - 1][j]) if i > 0 else (zero, zero)
                 h_left, c_left = (h[i][j - 1], c[i][j - 1]) if j > 0 else (zero, zero)
-                gates = grid[:, i, j] @ lstm.weight_x[d] + torch.cat([h_up, h_left], 1) @ lstm.weight_h[d] + lstm.bias[d]
+                gates = (grid[:, i, j] @ lstm.weight_x[d] + torch.cat([h_up, h_left], 1) @ lstm.weight_h[d]
+                         + lstm.bias[d])
                 ig, f1, f2, og, g = gates.chunk(5, dim=1)
                 c[i][j] = torch.sigmoid(f1) * c_up + torch.sigmoid(f2) * c_left + torch.sigmoid(ig) * torch.tanh(g)
                 h[i][j] = torch.sigmoid(og) * torch.tanh(c[i][j])
@@ -207,7 +208,7 @@ def test_build_is_deterministic_and_independent_of_global_rng():
     torch.manual_seed(2)
     b = build_model(SMALL, pretrained=False)
     assert model_fingerprint(a) == model_fingerprint(b)
-    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values()):
+    for (k, va), vb in zip(a.state_dict().items(), b.state_dict().values(), strict=True):
         assert torch.equal(va, vb), k
     torch.manual_seed(1)
     build_model(SMALL, pretrained=False)

@@ -163,7 +163,8 @@ def test_bad_weight_files_are_one_line_checkpoint_errors(resnet_file, vgg_file, 
     missing = dict(state)
     del missing["layer2.0.conv1.weight"]
     torch.save(missing, tmp_path / "missing.pth")
-    assert "1 trunk tensors missing ['layer2.0.conv1.weight']" in _bad_file_error(stream, tmp_path / "missing.pth", *args)
+    error = _bad_file_error(stream, tmp_path / "missing.pth", *args)
+    assert "1 trunk tensors missing ['layer2.0.conv1.weight']" in error
 
     wrong = dict(state, **{"layer1.0.conv1.weight": torch.zeros(64, 64, 3, 3)})
     torch.save(wrong, tmp_path / "wrong.pth")
@@ -269,7 +270,8 @@ def test_reid_model_describes_a_paper_stream_checkpoint(paper_model, paper_check
     assert info["fingerprint"] == model_fingerprint(paper_model) and info["grid"] == [4, 2]
     result = runner.invoke(cli.app, ["model", "--stream-a", "resnet50"])
     assert result.exit_code == 1
-    assert result.output.count("\n") == 1 and result.output.startswith("error:") and "--stream-a-weights" in result.output
+    assert result.output.count("\n") == 1 and result.output.startswith("error:")
+    assert "--stream-a-weights" in result.output
     result = runner.invoke(cli.app, ["model", "--weights", str(paper_checkpoint), "--stream-b", "vgg16"])
     assert result.exit_code == 1 and "carries its own model config" in result.output
 

@@ -46,7 +46,7 @@ def indexed(tmp_path):
 def test_each_gallery_image_finds_itself_first_with_parsed_ids(indexed):
     files, idx = indexed
     results = query_images(files, idx, top=3)
-    for f, r in zip(files, results):
+    for f, r in zip(files, results, strict=True):
         assert r.query == str(f)
         assert r.matches[0].path == str(f.resolve()) and r.matches[0].score == pytest.approx(1.0, abs=1e-4)
         assert [m.rank for m in r.matches] == [1, 2, 3]

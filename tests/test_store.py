@@ -28,7 +28,8 @@ def unit(rng: np.random.Generator, n: int, dim: int = DIM) -> np.ndarray:
 
 
 def records(names, source="/g") -> list[Record]:
-    return [Record(f"{source}/{n}", f"sha-{n}", 100, 1, i, 1 + i % 3, source, time=1000.0 + i) for i, n in enumerate(names)]
+    return [Record(f"{source}/{n}", f"sha-{n}", 100, 1, i, 1 + i % 3, source, time=1000.0 + i)
+            for i, n in enumerate(names)]
 
 
 def meta(root, key: str) -> str | None:
@@ -202,7 +203,7 @@ def test_approximate_kinds_find_the_exact_neighbours(tmp_path, kind, monkeypatch
         assert s.info()["vector_kind"] == kind
         exact = np.argsort(-(queries @ vecs.T), axis=1)[:, :10] + 1
         got = [[h.id for h in row] for row in s.search(queries, 10)]
-        recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact.tolist())])
+        recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, exact.tolist(), strict=True)])
         assert recall >= 0.9
         # Removing rows from an index kind that cannot remove in place rebuilds it.
         s.remove([f"/g/{i:05d}.jpg" for i in range(10)])
@@ -220,7 +221,7 @@ def test_approximate_kinds_find_the_exact_neighbours(tmp_path, kind, monkeypatch
             assert all(len(row) == 10 for row in hits)
             got = [[h.id for h in row] for row in hits]
             assert all(set(g) <= set((rows + 1).tolist()) for g in got)
-            recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, want.tolist())])
+            recall = np.mean([len(set(g) & set(e)) / 10 for g, e in zip(got, want.tolist(), strict=True)])
             assert recall >= (0.9 if len(rows) > 500 else 1.0), (f, recall)
         filtered = [[h.id for h in row] for row in s.search(queries, 10, Filter(cameras_excluded={1}))]
 
@@ -321,9 +322,8 @@ def test_prefetch_loads_vectors_in_the_background_and_reraises_its_errors(tmp_pa
         raise RuntimeError("disk on fire")
 
     monkeypatch.setattr(VectorIndex, "load", staticmethod(boom))
-    with GalleryStore.open(tmp_path / "idx", prefetch=True) as r:
-        with pytest.raises(RuntimeError, match="disk on fire"):
-            r.search(vecs[:1], 4)
+    with GalleryStore.open(tmp_path / "idx", prefetch=True) as r, pytest.raises(RuntimeError, match="disk on fire"):
+        r.search(vecs[:1], 4)
 
 
 @pytest.mark.parametrize("order", ["ascending", "shuffled"])

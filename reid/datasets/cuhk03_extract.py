@@ -66,7 +66,8 @@ def read_classic_info(mat_path: Path, variant: str) -> ClassicInfo:
                     raise ValueError(f"a testsets entry has shape {None if arr is None else arr.shape}, not N x 2")
                 splits.append(tuple((int(a), int(b)) for a, b in np.rint(arr).astype(np.int64)))
         except (KeyError, ValueError) as e:
-            raise DatasetError(f"{mat_path}: not CUHK03's layout ({e}); expected cells 'labeled', 'detected', 'testsets'") from None
+            raise DatasetError(f"{mat_path}: not CUHK03's layout ({e}); "
+                               "expected cells 'labeled', 'detected', 'testsets'") from None
     return ClassicInfo(ids, tuple(splits))
 
 

@@ -250,7 +250,7 @@ def _blend_jaccard(v: sparse.csr_matrix, nq: int, out: np.ndarray, lam: float) -
             acc = 0.0
         acc += t
     bounds.append(nq)
-    for a, b in zip(bounds[:-1], bounds[1:]):
+    for a, b in zip(bounds[:-1], bounds[1:], strict=True):
         lo, hi = vq.indptr[a], vq.indptr[b]
         cols, vals = vq.indices[lo:hi], vq.data[lo:hi]
         qrow = np.repeat(np.arange(b - a), np.diff(vq.indptr[a : b + 1]))

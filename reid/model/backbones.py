@@ -19,7 +19,7 @@ def pad_same(x: torch.Tensor, kernel: tuple[int, int], stride: tuple[int, int],
              dilation: tuple[int, int] = (1, 1)) -> torch.Tensor:
     """TensorFlow "same" padding: output = ceil(input / stride), the odd pixel padded at the end."""
     pads = []
-    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation):
+    for size, k, s, d in zip(x.shape[-2:], kernel, stride, dilation, strict=True):
         pads.append(max((math.ceil(size / s) - 1) * s + (k - 1) * d + 1 - size, 0))
     ph, pw = pads
     if ph or pw:
@@ -160,7 +160,8 @@ class EfficientNetLite0(nn.Module):
             blocks = []
             for i in range(n):
                 stride = s if i == 0 else 1
-                blocks.append(DepthwiseSeparable(cin, c, k, stride) if e == 1 else InvertedResidual(cin, c, k, stride, e))
+                blocks.append(DepthwiseSeparable(cin, c, k, stride) if e == 1
+                              else InvertedResidual(cin, c, k, stride, e))
                 cin = c
             stages.append(nn.Sequential(*blocks))
         self.blocks = nn.Sequential(*stages)

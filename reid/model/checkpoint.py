@@ -12,7 +12,7 @@ import logging
 import os
 import pickle  # only for its exception type: nothing here unpickles
 from pathlib import Path
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 
@@ -55,7 +55,8 @@ def save_checkpoint(model: AttentionBilinearNet, path: str | os.PathLike) -> Pat
             other = sorted(p.name for p in path.iterdir() if p.name not in (CONFIG_NAME, WEIGHTS_NAME))
             if other:
                 raise CheckpointError(f"not replacing {path}: it holds other files ({', '.join(other[:3])}"
-                                      f"{', ...' if len(other) > 3 else ''}); save the checkpoint to a folder of its own")
+                                      f"{', ...' if len(other) > 3 else ''}); "
+                                      "save the checkpoint to a folder of its own")
         with atomic_dir(path) as tmp:
             write_checkpoint_folder(model, tmp)
     log.info("saved checkpoint %s", path)
@@ -116,7 +117,8 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
     """Load a checkpoint saved by save_checkpoint (folder, its model.safetensors, or .pt) in eval mode."""
     path = Path(path)
     if not path.exists():
-        raise CheckpointError(f"checkpoint {path} does not exist; pass a folder with {CONFIG_NAME} + {WEIGHTS_NAME} or a .pt file")
+        raise CheckpointError(f"checkpoint {path} does not exist; "
+                              f"pass a folder with {CONFIG_NAME} + {WEIGHTS_NAME} or a .pt file")
     if path.is_dir():
         raw_config, state = _read_folder(path, path / WEIGHTS_NAME)
     elif path.suffix == ".safetensors":

@@ -114,7 +114,8 @@ def fuse_for_inference(module: nn.Module) -> nn.Module:
     with torch.no_grad():
         for parent in list(fused.modules()):
             children = _children(parent)
-            for (_, first), (name, second) in zip(children, children[1:]):
+            # Neighbouring pairs: children[1:] is one shorter by design.
+            for (_, first), (name, second) in zip(children, children[1:], strict=False):
                 if isinstance(first, nn.Conv2d) and isinstance(second, nn.BatchNorm2d) \
                         and second.num_features == first.out_channels and second.track_running_stats:
                     _fold(first, second)

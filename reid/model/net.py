@@ -15,7 +15,8 @@ import dataclasses
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterator, Mapping, NamedTuple
+from typing import Any, NamedTuple
+from collections.abc import Iterator, Mapping
 
 import torch
 import torch.nn.functional as F
@@ -59,6 +60,18 @@ class ModelConfig:
     seed: int = 0  # seeds the head's initialisation (and the streams' when not pretrained)
 
     def __post_init__(self) -> None:
+        self._check_streams()
+        self._check_geometry()
+        for name in ("c_a", "c_b", "d_x", "d_h", "d_att", "num_glimpses", "embed_dim"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive")
+        if self.lstm_directions not in (1, 2):
+            raise ValueError("lstm_directions must be 1 or 2")
+        if self.num_classes < 0:
+            raise ValueError("num_classes must be >= 0")
+
+    def _check_streams(self) -> None:
+        """ValueError unless arch is this version's and the two streams are known and different."""
         if self.arch != ARCH:
             raise ValueError(f"unknown architecture {self.arch!r}; this version builds {ARCH!r}")
         for role, name in (("a", self.stream_a), ("b", self.stream_b)):
@@ -67,6 +80,9 @@ class ModelConfig:
         if self.stream_a == self.stream_b:
             raise ValueError(f"stream_a and stream_b are both {self.stream_a!r}; the model correlates two "
                              f"different CNNs, so choose two different streams")
+
+    def _check_geometry(self) -> None:
+        """ValueError unless output_stride and input_size fit each other (and a vgg16 stream)."""
         if self.output_stride not in (16, 32):
             raise ValueError(f"output_stride must be 16 or 32, not {self.output_stride}")
         if len(self.input_size) != 2 or min(self.input_size) < self.output_stride:
@@ -76,13 +92,6 @@ class ModelConfig:
             raise ValueError(f"with a vgg16 stream, input_size {h}x{w} must be a multiple of output_stride "
                              f"{self.output_stride} on both sides (VGG's max-pools round odd sizes down, the "
                              f"other streams round up, so their grids would differ)")
-        for name in ("c_a", "c_b", "d_x", "d_h", "d_att", "num_glimpses", "embed_dim"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be positive")
-        if self.lstm_directions not in (1, 2):
-            raise ValueError("lstm_directions must be 1 or 2")
-        if self.num_classes < 0:
-            raise ValueError("num_classes must be >= 0")
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -96,7 +105,7 @@ class ModelConfig:
         return d
 
     @classmethod
-    def from_dict(cls, d: dict[str, Any]) -> "ModelConfig":
+    def from_dict(cls, d: dict[str, Any]) -> ModelConfig:
         """Inverse of to_dict; ValueError on unknown fields or invalid values."""
         known = {f.name for f in dataclasses.fields(cls)}
         unknown = sorted(set(d) - known)
@@ -107,7 +116,7 @@ class ModelConfig:
             d["input_size"] = tuple(int(v) for v in d["input_size"])
         return cls(**d)
 
-    def replace(self, **changes: Any) -> "ModelConfig":
+    def replace(self, **changes: Any) -> ModelConfig:
         """A copy with some fields changed (e.g. num_classes for training)."""
         return dataclasses.replace(self, **changes)
 
@@ -383,7 +392,8 @@ def build_model(config: ModelConfig | None = None, pretrained: bool = True,
         torch.manual_seed(config.seed)  # the streams' own init when not pretrained
         model = AttentionBilinearNet(config, pretrained=pretrained, stream_weights=stream_weights)
     model.init_head(torch.Generator().manual_seed(config.seed))
-    if trained_head and pretrained and config == ModelConfig() and default_head_path().is_file():  # TODO strict once shipped
+    # TODO strict once shipped
+    if trained_head and pretrained and config == ModelConfig() and default_head_path().is_file():
         load_default_head(model)
     model = model.to(memory_format=torch.channels_last)
     log.debug("built %s grid=%s pretrained=%s", config.arch, config.grid, pretrained)

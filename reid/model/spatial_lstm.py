@@ -103,8 +103,5 @@ class SpatialLSTM2d(nn.Module):
         inverse = torch.empty_like(order_t)
         inverse[order_t] = torch.arange(len(order), device=x.device)
         hs = hs.index_select(1, inverse).permute(0, 2, 1, 3)  # [nd, B, L, d_h], row-major
-        if nd == 2:
-            hs = torch.cat([hs[0], hs[1].flip(1)], dim=-1)
-        else:
-            hs = hs[0]
+        hs = torch.cat([hs[0], hs[1].flip(1)], dim=-1) if nd == 2 else hs[0]
         return hs.reshape(b, gh, gw, nd * dh)

@@ -52,7 +52,8 @@ def packaged_weights_path(package: str, relative: str) -> Path:
         ) from e
     path = Path(str(root / relative))
     if not path.is_file():
-        raise CheckpointError(f"weights file {relative!r} is missing from the installed package {package!r}; reinstall it")
+        raise CheckpointError(f"weights file {relative!r} is missing from the installed package {package!r}; "
+                              "reinstall it")
     return path
 
 

@@ -24,7 +24,8 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterable, Protocol, Sequence
+from typing import Protocol
+from collections.abc import Callable, Iterable, Sequence
 
 import cv2
 import numpy as np
@@ -213,9 +214,11 @@ def ssd_text_graph(pb_path: str | os.PathLike, input_size: tuple[int, int] = (30
             cv2.dnn.writeTextGraph(str(pb_path), raw_path)
             raw = Path(raw_path).read_text()
         except (cv2.error, OSError) as e:
-            raise DetectorError(f"{pb_path}: not a readable TensorFlow graph ({str(e).strip().splitlines()[-1]})") from None
+            reason = str(e).strip().splitlines()[-1]
+            raise DetectorError(f"{pb_path}: not a readable TensorFlow graph ({reason})") from None
     nodes = _parse_text_graph(raw)
-    layers = sorted({int(m.group(1)) for n in nodes if (m := re.match(r"BoxPredictor_(\d+)/ClassPredictor/BiasAdd$", n.name))})
+    layers = sorted({int(m.group(1)) for n in nodes
+                     if (m := re.match(r"BoxPredictor_(\d+)/ClassPredictor/BiasAdd$", n.name))})
     if not layers or layers != list(range(len(layers))) or not any(n.op == "Placeholder" for n in nodes):
         raise DetectorError(f"{pb_path}: not a TF Object Detection API SSD graph (no BoxPredictor_N outputs)")
     n_layers = len(layers)
@@ -260,13 +263,7 @@ def ssd_text_graph(pb_path: str | os.PathLike, input_size: tuple[int, int] = (30
         if num_classes not in (None, n_cls):
             raise DetectorError(f"{pb_path}: predictor layers disagree on the number of classes")
         num_classes = n_cls
-        if n_boxes == 3 and i == 0:  # reduce_boxes_in_lowest_layer
-            specs = [(0.1, 1.0), (SSD_MIN_SCALE, 2.0), (SSD_MIN_SCALE, 0.5)]
-        elif n_boxes == len(SSD_ASPECT_RATIOS) + 1:
-            specs = [(scales[i], ar) for ar in SSD_ASPECT_RATIOS] + [(math.sqrt(scales[i] * scales[i + 1]), 1.0)]
-        else:
-            raise DetectorError(f"{pb_path}: {n_boxes} anchors in predictor layer {i} do not match the SSDLite "
-                                f"anchor generator this converter knows")
+        specs = _anchor_specs(pb_path, i, n_boxes, scales)
         widths = [s * math.sqrt(ar) * w for s, ar in specs]
         heights = [s / math.sqrt(ar) * h for s, ar in specs]
         priors.append(_Node(f"PriorBox_{i}", "PriorBox", [f"BoxPredictor_{i}/BoxEncodingPredictor/BiasAdd", _INPUT], [
@@ -283,9 +280,21 @@ def ssd_text_graph(pb_path: str | os.PathLike, input_size: tuple[int, int] = (30
         _attr("loc_pred_transposed", "b: true"), _attr("nms_threshold", f"f: {SSD_NMS_IOU!r}"),
         _attr("num_classes", f"i: {num_classes}"), _attr("share_location", "b: true"),
         _attr("top_k", f"i: {max(keep_top_k, 100)}")]))
-    graph = kept + extra
+    return "".join(n.text() for n in _output_subgraph(kept + extra))
 
-    # Keep only what the output depends on, in an order where every input comes first.
+
+def _anchor_specs(pb_path: Path, i: int, n_boxes: int, scales: list[float]) -> list[tuple[float, float]]:
+    """(scale, aspect ratio) of each anchor of predictor layer ``i``, as the SSDLite anchor generator makes them."""
+    if n_boxes == 3 and i == 0:  # reduce_boxes_in_lowest_layer
+        return [(0.1, 1.0), (SSD_MIN_SCALE, 2.0), (SSD_MIN_SCALE, 0.5)]
+    if n_boxes == len(SSD_ASPECT_RATIOS) + 1:
+        return [(scales[i], ar) for ar in SSD_ASPECT_RATIOS] + [(math.sqrt(scales[i] * scales[i + 1]), 1.0)]
+    raise DetectorError(f"{pb_path}: {n_boxes} anchors in predictor layer {i} do not match the SSDLite "
+                        f"anchor generator this converter knows")
+
+
+def _output_subgraph(graph: list[_Node]) -> list[_Node]:
+    """Only what the output depends on, in an order where every input comes first (the input node first)."""
     by_name = {n.name: n for n in graph}
     order: list[_Node] = []
     seen: set[str] = set()
@@ -301,7 +310,7 @@ def ssd_text_graph(pb_path: str | os.PathLike, input_size: tuple[int, int] = (30
         stack.append((name, True))
         stack.extend((i, False) for i in reversed(by_name[name].inputs) if i not in seen)
     order.sort(key=lambda n: n.name != _INPUT)  # stable: the input first, the rest in dependency order
-    return "".join(n.text() for n in order)
+    return order
 
 
 def find_ssdlite_graph() -> Path:
@@ -373,7 +382,7 @@ class SSDLiteDetector:
             fh, fw = frames[k].shape[:2]
             found[k].append(Detection(float(x1) * fw, float(y1) * fh, float(x2) * fw, float(y2) * fh, float(score)))
         return [_keep(d, f.shape[1], f.shape[0], self.score_threshold, self.min_height, self.min_width)
-                for d, f in zip(found, frames)]
+                for d, f in zip(found, frames, strict=True)]
 
 
 DETECTORS: dict[str, Callable[..., PersonDetector]] = {"ssdlite": SSDLiteDetector}

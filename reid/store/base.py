@@ -11,7 +11,8 @@ backend, FAISS or SQLite.
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
-from typing import TYPE_CHECKING, Iterable, Protocol, Sequence, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -58,7 +59,7 @@ class Filter:
         """True when the filter does nothing but leave out cameras (a backend may then look up what it drops)."""
         return bool(self.cameras_excluded) and Filter(cameras_excluded=self.cameras_excluded) == self
 
-    def excluding_cameras(self, cameras: Iterable[int]) -> "Filter":
+    def excluding_cameras(self, cameras: Iterable[int]) -> Filter:
         """This filter, also leaving out ``cameras``."""
         return replace(self, cameras_excluded=self.cameras_excluded | frozenset(cameras))
 
@@ -133,7 +134,7 @@ class SyncState:
     kind: str | None = None
 
 
-def per_query(where: "Filter | Sequence[Filter] | None", n: int) -> list[Filter]:
+def per_query(where: Filter | Sequence[Filter] | None, n: int) -> list[Filter]:
     """One filter per query from ``None`` (no filter), one filter for all, or a filter per query."""
     if where is None:
         return [_NO_FILTER] * n
@@ -166,11 +167,11 @@ class Gallery(Protocol):
         """Where the gallery lives (a folder, a URI), for messages."""
         ...
 
-    def built_with(self) -> "ModelRef | None":
+    def built_with(self) -> ModelRef | None:
         """The model the stored vectors come from; None before the first ``bind``."""
         ...
 
-    def bind(self, model: "ModelRef", *, kind: str | None = None, rebuild: bool = False) -> None:
+    def bind(self, model: ModelRef, *, kind: str | None = None, rebuild: bool = False) -> None:
         """Record the model of a new gallery (or, with ``rebuild``, drop every row and start over with it);
         ``ModelMismatchError`` for any other model. ``kind`` asks for a search structure
         (``auto``, ``flat``, ``hnsw``, ``ivfpq``; backends map it to theirs)."""
@@ -231,6 +232,6 @@ class Gallery(Protocol):
         """Release connections and locks (idempotent)."""
         ...
 
-    def __enter__(self) -> "Gallery": ...
+    def __enter__(self) -> Gallery: ...
 
     def __exit__(self, *exc: object) -> None: ...

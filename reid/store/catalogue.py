@@ -15,7 +15,7 @@ import json
 import logging
 import sqlite3
 from pathlib import Path
-from typing import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -189,7 +189,7 @@ class Catalogue:
         added, removed = [], []
         stamp = now()
         with self.write() as c:
-            for r, v in zip(records, vectors):
+            for r, v in zip(records, vectors, strict=True):
                 old = c.execute("SELECT id FROM images WHERE path = ?", (r.path,)).fetchone()
                 if old is not None:
                     c.execute("DELETE FROM images WHERE id = ?", old)

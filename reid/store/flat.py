@@ -62,7 +62,7 @@ class FlatRows:
         return index
 
     @classmethod
-    def from_faiss(cls, index: faiss.IndexIDMap2) -> "FlatRows":
+    def from_faiss(cls, index: faiss.IndexIDMap2) -> FlatRows:
         """Copy the rows out of a FAISS flat index (into huge-page backed NumPy memory)."""
         inner = faiss.downcast_index(index.index)
         n, dim = int(index.ntotal), int(index.d)

@@ -17,7 +17,8 @@ import logging
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Iterable, Sequence
+from typing import TYPE_CHECKING
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 
@@ -59,7 +60,7 @@ class GalleryStore:
         self._prefetched: VectorIndex | BaseException | None = None
 
     @classmethod
-    def open(cls, root: str | Path, *, write: bool = False, wait: float = 0.0, prefetch: bool = False) -> "GalleryStore":
+    def open(cls, root: str | Path, *, write: bool = False, wait: float = 0.0, prefetch: bool = False) -> GalleryStore:
         """Open an index folder. ``write`` creates it if needed and takes the writer lock (waiting ``wait`` s);
         ``prefetch`` (read-only) starts loading ``vectors.faiss`` in the background, e.g. while a model loads."""
         root = Path(root).expanduser().absolute()
@@ -102,7 +103,7 @@ class GalleryStore:
         if self._lock is not None:
             self._lock.release()
 
-    def __enter__(self) -> "GalleryStore":
+    def __enter__(self) -> GalleryStore:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -110,7 +111,7 @@ class GalleryStore:
 
     # --- the model the vectors come from ----------------------------------------------------
 
-    def built_with(self) -> "ModelRef | None":
+    def built_with(self) -> ModelRef | None:
         """The model the vectors come from (None before the first ``bind``)."""
         meta = self._catalogue.meta()
         if not meta.get("fingerprint"):
@@ -119,7 +120,7 @@ class GalleryStore:
 
         return ModelRef(meta.get("model_source") or DEFAULT_SOURCE, meta["fingerprint"], int(meta["dim"]))
 
-    def bind(self, model: "ModelRef", *, kind: str | None = None, rebuild: bool = False) -> None:
+    def bind(self, model: ModelRef, *, kind: str | None = None, rebuild: bool = False) -> None:
         """Record the model of a new index (or of a ``rebuild``); ModelMismatchError for any other model."""
         self._need_writer()
         if kind is not None and kind not in KINDS:
@@ -200,7 +201,7 @@ class GalleryStore:
             for j, q in enumerate(at):
                 found[q] = (scores[j], ids[j])
         records = self._catalogue.records(int(i) for _, ids in found for i in ids if i >= 0)
-        return [[Hit(int(i), float(s), records[int(i)]) for s, i in zip(scores, ids) if int(i) in records]
+        return [[Hit(int(i), float(s), records[int(i)]) for s, i in zip(scores, ids, strict=True) if int(i) in records]
                 for scores, ids in found]
 
     # --- files the catalogue knows ----------------------------------------------------------

@@ -114,7 +114,8 @@ def _migrate(conn: sqlite3.Connection, path: Path, number: int) -> None:
     try:
         conn.execute("BEGIN IMMEDIATE")
     except sqlite3.OperationalError as e:
-        raise StoreError(f"{path}: cannot upgrade the catalogue from schema {number} to {SCHEMA_VERSION} ({e})") from None
+        raise StoreError(f"{path}: cannot upgrade the catalogue from schema {number} to {SCHEMA_VERSION} "
+                         f"({e})") from None
     try:
         current = int(_version(conn) or number)  # another process may have upgraded it meanwhile
         if current < SCHEMA_VERSION:
@@ -124,7 +125,8 @@ def _migrate(conn: sqlite3.Connection, path: Path, number: int) -> None:
         conn.execute("INSERT OR REPLACE INTO meta(key, value) VALUES ('schema_version', ?)", (str(SCHEMA_VERSION),))
     except sqlite3.OperationalError as e:
         conn.execute("ROLLBACK")
-        raise StoreError(f"{path}: cannot upgrade the catalogue from schema {number} to {SCHEMA_VERSION} ({e})") from None
+        raise StoreError(f"{path}: cannot upgrade the catalogue from schema {number} to {SCHEMA_VERSION} "
+                         f"({e})") from None
     except BaseException:
         conn.execute("ROLLBACK")
         raise

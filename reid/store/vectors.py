@@ -21,7 +21,7 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator
+from collections.abc import Iterator
 
 import faiss
 import numpy as np
@@ -142,7 +142,7 @@ class VectorIndex:
             self._tune()
 
     @classmethod
-    def empty(cls, kind: str, dim: int, rows_hint: int = 0) -> "VectorIndex":
+    def empty(cls, kind: str, dim: int, rows_hint: int = 0) -> VectorIndex:
         """A new, empty index of a concrete kind; ``ivfpq`` must be ``train``ed before ``add``."""
         ip = faiss.METRIC_INNER_PRODUCT
         if kind == "flat":
@@ -160,7 +160,7 @@ class VectorIndex:
         return cls(faiss.IndexIDMap2(inner))
 
     @classmethod
-    def load(cls, path: Path) -> "VectorIndex":
+    def load(cls, path: Path) -> VectorIndex:
         """Read a saved index; StoreError when the file is unreadable or not one of ours."""
         def read(flags: int) -> faiss.Index:
             try:

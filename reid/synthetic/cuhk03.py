@@ -45,7 +45,7 @@ def _config(names: list[str], labels: list[int], cams: list[int], test_ids: set[
     idx_dtype = np.uint16 if n < 2**16 else np.uint32
     train, query, gallery = [], [], []
     by_id_view: dict[tuple[int, int], list[int]] = {}
-    for i, (lab, cam) in enumerate(zip(labels, cams)):
+    for i, (lab, cam) in enumerate(zip(labels, cams, strict=True)):
         if lab in test_ids:
             by_id_view.setdefault((lab, cam), []).append(i)
         else:
@@ -72,6 +72,22 @@ def _config(names: list[str], labels: list[int], cams: list[int], test_ids: set[
         "gallery_idx": idx(gallery),
         "train_idx": idx(train),
     }
+
+
+def _classic_testsets(ids_per_pair: tuple[int, ...], classic_test_ids: int, num_splits: int,
+                      rng: np.random.Generator) -> np.ndarray:
+    """The classic ``testsets`` cell: per split, ``classic_test_ids`` sorted (pair, id) rows from the first
+    three pairs, or from all pairs when those three hold too few."""
+    pool = [(p, i) for p in (1, 2, 3) if p <= len(ids_per_pair) for i in range(1, ids_per_pair[p - 1] + 1)]
+    if len(pool) < classic_test_ids:
+        pool = [(p, i) for p, m in enumerate(ids_per_pair, start=1) for i in range(1, m + 1)]
+    if not 1 <= classic_test_ids <= len(pool):
+        raise InputError(f"classic_test_ids must be between 1 and {len(pool)}")
+    testsets = np.empty((num_splits, 1), dtype=object)
+    for s in range(num_splits):
+        pick = sorted(pool[i] for i in rng.choice(len(pool), size=classic_test_ids, replace=False))
+        testsets[s, 0] = np.asarray(pick, dtype=np.float64)
+    return testsets
 
 
 def write_cuhk03(
@@ -122,15 +138,7 @@ def write_cuhk03(
                     files["detected"].append((name, label, view))
         for v in cells:
             cells[v][p - 1, 0] = pair_cells[v]
-    pool = [(p, i) for p in (1, 2, 3) if p <= len(ids_per_pair) for i in range(1, ids_per_pair[p - 1] + 1)]
-    if len(pool) < classic_test_ids:
-        pool = [(p, i) for p, m in enumerate(ids_per_pair, start=1) for i in range(1, m + 1)]
-    if not 1 <= classic_test_ids <= len(pool):
-        raise InputError(f"classic_test_ids must be between 1 and {len(pool)}")
-    testsets = np.empty((num_splits, 1), dtype=object)
-    for s in range(num_splits):
-        pick = sorted(pool[i] for i in rng.choice(len(pool), size=classic_test_ids, replace=False))
-        testsets[s, 0] = np.asarray(pick, dtype=np.float64)
+    testsets = _classic_testsets(ids_per_pair, classic_test_ids, num_splits, rng)
     write_mat73(base / "cuhk03_release" / "cuhk-03.mat",
                 {"detected": cells["detected"], "labeled": cells["labeled"], "testsets": testsets}, compress=True)
     test_ids = {int(x) for x in rng.choice(np.arange(1, total + 1), size=num_test_ids, replace=False)}

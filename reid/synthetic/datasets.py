@@ -101,7 +101,7 @@ def plan_market1501(
     including 3,819 junk and 2,798 distractors) and ignores the size arguments.
     """
     if mirror_real:
-        lists = {k: list(zip(p.tolist(), c.tolist())) for k, (p, c) in _real_market_lists().items()}
+        lists = {k: list(zip(p.tolist(), c.tolist(), strict=True)) for k, (p, c) in _real_market_lists().items()}
     else:
         lists = _structure(num_train_ids=num_train_ids, num_test_ids=num_test_ids, num_distractors=num_distractors,
                            num_junk=num_junk, cameras=cameras, images_per_cam=images_per_cam, seed=seed)
@@ -232,7 +232,7 @@ def write_cuhk03_np(
         for pid in sorted(ids.tolist()):
             for view in (1, 2):
                 for k in range(1, images_per_view + 1):
-                    if pid not in test:
+                    if pid not in test:  # noqa: SIM108 - a nested ternary would read worse than this if/else
                         folder = "bounding_box_train"
                     else:
                         folder = "query" if k == 1 else "bounding_box_test"

@@ -187,6 +187,23 @@ def _torso_pattern(h: int, w: int, ident: Identity, body_h: float, rng: np.rando
     return fill
 
 
+def _draw_legs(img: np.ndarray, ident: Identity, cx: float, sw: float, ww: float, waist_y: float, foot_y: float,
+               body_h: float, phase: float) -> None:
+    """Legs (lower garment, skin below shorts) and shoes; ``phase`` -1..1 sets the stride."""
+    for side in (-1, 1):
+        hip = (cx + side * ww * 0.45, waist_y)
+        foot = (cx + side * ww * 0.5 + side * phase * sw * 0.5, foot_y - 0.02 * body_h)
+        lw = ww * 0.5
+        knee_y = (waist_y + foot_y) / 2
+        _poly(img, [(hip[0] - lw, hip[1]), (hip[0] + lw, hip[1]), (foot[0] + lw * 0.7, foot[1]),
+                    (foot[0] - lw * 0.7, foot[1])], ident.lower)
+        if ident.shorts:
+            kx = (hip[0] + foot[0]) / 2
+            _poly(img, [(kx - lw * 0.85, knee_y), (kx + lw * 0.85, knee_y), (foot[0] + lw * 0.6, foot[1]),
+                        (foot[0] - lw * 0.6, foot[1])], ident.skin)
+        _ellipse(img, (foot[0] + side * lw * 0.2, foot[1]), (lw * 0.9, max(1.0, 0.025 * body_h)), ident.shoes)
+
+
 def _draw_person(img: np.ndarray, ident: Identity, cam: Camera, rng: np.random.Generator, d: float) -> None:
     h, w = img.shape[:2]
     scale = cam.scale * np.exp(rng.normal(0, 0.04 * d))
@@ -201,19 +218,7 @@ def _draw_person(img: np.ndarray, ident: Identity, cam: Camera, rng: np.random.G
     sw = ident.width * w * scale / 2  # half shoulder width
     ww = sw * 0.8  # half waist width
     phase = rng.uniform(-1, 1) * d  # walking: -1..1 = legs apart one way or the other
-    # legs (lower garment, skin below shorts), shoes
-    for side in (-1, 1):
-        hip = (cx + side * ww * 0.45, waist_y)
-        foot = (cx + side * ww * 0.5 + side * phase * sw * 0.5, foot_y - 0.02 * body_h)
-        lw = ww * 0.5
-        knee_y = (waist_y + foot_y) / 2
-        _poly(img, [(hip[0] - lw, hip[1]), (hip[0] + lw, hip[1]), (foot[0] + lw * 0.7, foot[1]), (foot[0] - lw * 0.7, foot[1])],
-              ident.lower)
-        if ident.shorts:
-            kx = (hip[0] + foot[0]) / 2
-            _poly(img, [(kx - lw * 0.85, knee_y), (kx + lw * 0.85, knee_y), (foot[0] + lw * 0.6, foot[1]),
-                        (foot[0] - lw * 0.6, foot[1])], ident.skin)
-        _ellipse(img, (foot[0] + side * lw * 0.2, foot[1]), (lw * 0.9, max(1.0, 0.025 * body_h)), ident.shoes)
+    _draw_legs(img, ident, cx, sw, ww, waist_y, foot_y, body_h, phase)
     # backpack seen from behind sits under the torso drawing's edge; from the front only straps show
     if ident.bag == "backpack" and back:
         _poly(img, [(cx - sw * 0.8, sh_y + 0.02 * body_h), (cx + sw * 0.8, sh_y + 0.02 * body_h),
@@ -223,9 +228,9 @@ def _draw_person(img: np.ndarray, ident: Identity, cam: Camera, rng: np.random.G
     torso = [(cx - sw, sh_y), (cx + sw, sh_y), (cx + ww, waist_y), (cx - ww, waist_y)]
     cv2.fillPoly(mask, [np.round(np.asarray(torso) * 16).astype(np.int32)], 255, cv2.LINE_AA, shift=4)
     if ident.bag == "backpack" and back:  # the pack covers the middle of the back
-        cv2.fillPoly(mask, [np.round(np.asarray([(cx - sw * 0.6, sh_y + 0.04 * body_h), (cx + sw * 0.6, sh_y + 0.04 * body_h),
-                                                  (cx + sw * 0.55, waist_y), (cx - sw * 0.55, waist_y)]) * 16).astype(np.int32)],
-                     0, cv2.LINE_AA, shift=4)
+        pack = [(cx - sw * 0.6, sh_y + 0.04 * body_h), (cx + sw * 0.6, sh_y + 0.04 * body_h),
+                (cx + sw * 0.55, waist_y), (cx - sw * 0.55, waist_y)]
+        cv2.fillPoly(mask, [np.round(np.asarray(pack) * 16).astype(np.int32)], 0, cv2.LINE_AA, shift=4)
     fill = _torso_pattern(h, w, ident, body_h, rng)
     cv2.copyTo(fill, mask, img)
     # arms: sleeves to the elbow (or wrist), then skin; swing opposite to the legs

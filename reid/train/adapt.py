@@ -20,7 +20,8 @@ import os
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
+from collections.abc import Callable
 
 import numpy as np
 import torch
@@ -196,7 +197,7 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
     config = config or AdaptConfig()
     out = Path(out).expanduser()
     paths, crops, failed = _load_crops(gallery)
-    for p, reason in failed:
+    for _, reason in failed:
         log.warning("skipped %s", reason)
     dev = resolve_device(device)
     model, start_ref = ModelRef.load(weights, dev)

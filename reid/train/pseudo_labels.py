@@ -109,5 +109,5 @@ class ProxyMemory:
     def update(self, feats: torch.Tensor, index: torch.Tensor) -> None:
         """Move each crop's own proxy towards its (detached) feature."""
         proxies = torch.as_tensor(self.proxy[index.cpu().numpy()], device=self.memory.device)
-        for f, p in zip(feats.detach(), proxies):
+        for f, p in zip(feats.detach(), proxies, strict=True):
             self.memory[p] = F.normalize(self.momentum * self.memory[p] + (1.0 - self.momentum) * f, dim=0)
