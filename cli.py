@@ -32,6 +32,29 @@ def _workers_option(what: str):
                         help=f"{what} (auto: none on a 1-2 core CPU, more with more cores or CUDA).")
 
 
+def _stream_option(role: str):
+    """--stream-a / --stream-b: which CNN a stream is (a new model; a checkpoint carries its own)."""
+    default = "mobilenet_v2" if role == "a" else "efficientnet_lite0"
+    return typer.Option(None, f"--stream-{role}", help=f"Stream {role.upper()}: {_STREAM_HELP} \\[{default}].")
+
+
+def _stream_weights_option(role: str):
+    """--stream-a-weights / --stream-b-weights: local ImageNet weights of a VGG-16 / ResNet-50 stream."""
+    return typer.Option(None, f"--stream-{role}-weights", help=_STREAM_WEIGHTS_HELP.format(role.upper()))
+
+
+def _variant_option():
+    return typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected.")
+
+
+def _protocol_option():
+    return typer.Option(None, "--protocol", help="cuhk03: new or classic.")
+
+
+def _split_option(default_text: str = ""):
+    return typer.Option(None, "--split", help=f"cuhk03 classic split 0..19{default_text}.")
+
+
 class DeviceName(str, Enum):
     """--device: auto picks CUDA when present."""
 
@@ -145,11 +168,10 @@ def _model_config(**fields):
 def model_cmd(
     weights: Path | None = typer.Option(None, "--weights",
                                         help="Checkpoint (folder or .pt); default: pretrained model."),
-    stream_a: str | None = typer.Option(None, "--stream-a",
-                                        help=f"Describe a new model with this stream A: {_STREAM_HELP}."),
-    stream_b: str | None = typer.Option(None, "--stream-b", help="... and this stream B \\[efficientnet_lite0]."),
-    stream_a_weights: Path | None = typer.Option(None, "--stream-a-weights", help=_STREAM_WEIGHTS_HELP.format("A")),
-    stream_b_weights: Path | None = typer.Option(None, "--stream-b-weights", help=_STREAM_WEIGHTS_HELP.format("B")),
+    stream_a: str | None = _stream_option("a"),
+    stream_b: str | None = _stream_option("b"),
+    stream_a_weights: Path | None = _stream_weights_option("a"),
+    stream_b_weights: Path | None = _stream_weights_option("b"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained",
                                     help="ImageNet streams, or seeded random ones (sizes and FLOPs without weights)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
@@ -340,9 +362,9 @@ def evaluate_cmd(
     root: Path = typer.Option(..., "--root", help="Folder holding the dataset as its owners ship it."),
     weights: Path | None = typer.Option(None, "--weights",
                                         help="Checkpoint (folder or .pt); default: pretrained model."),
-    variant: str | None = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
-    protocol: str | None = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
-    split: int | None = typer.Option(None, "--split", help="cuhk03 classic split 0..19 (default: all, mean ± std)."),
+    variant: str | None = _variant_option(),
+    protocol: str | None = _protocol_option(),
+    split: int | None = _split_option(" (default: all, mean ± std)"),
     rerank: bool = typer.Option(False, "--rerank", help="k-reciprocal re-ranking."),
     ap: str = typer.Option("standard", "--ap", help="standard (open-reid) or trapezoid (official Market MATLAB)."),
     flip: bool = typer.Option(False, "--flip", help="Average embeddings with horizontally flipped crops."),
@@ -439,14 +461,14 @@ def train_cmd(
     eval_every: int | None = typer.Option(None, "--eval-every", min=0,
                                              help="Evaluate every N epochs and at the end; 0 = never [10]."),
     input_size: str | None = typer.Option(None, "--input-size", help="Crop size HxW [256x128]."),
-    stream_a: str | None = typer.Option(None, "--stream-a", help=f"Stream A: {_STREAM_HELP} \\[mobilenet_v2]."),
-    stream_b: str | None = typer.Option(None, "--stream-b", help=f"Stream B: {_STREAM_HELP} \\[efficientnet_lite0]."),
-    stream_a_weights: Path | None = typer.Option(None, "--stream-a-weights", help=_STREAM_WEIGHTS_HELP.format("A")),
-    stream_b_weights: Path | None = typer.Option(None, "--stream-b-weights", help=_STREAM_WEIGHTS_HELP.format("B")),
+    stream_a: str | None = _stream_option("a"),
+    stream_b: str | None = _stream_option("b"),
+    stream_a_weights: Path | None = _stream_weights_option("a"),
+    stream_b_weights: Path | None = _stream_weights_option("b"),
     pretrained: bool = typer.Option(True, "--pretrained/--no-pretrained", help="Start from ImageNet streams."),
-    variant: str | None = typer.Option(None, "--variant", help="cuhk03 / cuhk03-np: labeled or detected."),
-    protocol: str | None = typer.Option(None, "--protocol", help="cuhk03: new or classic."),
-    split: int | None = typer.Option(None, "--split", help="cuhk03 classic split 0..19."),
+    variant: str | None = _variant_option(),
+    protocol: str | None = _protocol_option(),
+    split: int | None = _split_option(),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     workers: int | None = _workers_option("Decoding + augmentation processes"),
     eval_batch_size: int = typer.Option(64, "--eval-batch-size", min=1),
