@@ -21,7 +21,7 @@ import sys
 import types
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -269,7 +269,7 @@ def _scan_split_once(self, x: torch.Tensor) -> torch.Tensor:
     blocks = gates_x.split([(hi - lo + 1) * b for lo, hi in ranges], dim=1)
     state = x.new_zeros(nd, 2, b, 2 * dh)
     prev_lo, outs = 0, []
-    for (lo, hi), gx in zip(ranges, blocks):
+    for (lo, hi), gx in zip(ranges, blocks, strict=True):
         n = hi - lo + 1
         up = state[:, lo - prev_lo : hi - prev_lo + 1]
         left = state[:, lo - prev_lo + 1 : hi - prev_lo + 2]
