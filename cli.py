@@ -78,6 +78,8 @@ _OPTIONS = {
     "`batch_p`": "--batch-p", "`batch_k`": "--batch-k", "`schedule`": "--schedule", "`precision`": "--precision",
     "`eval_every=0`": "--eval-every 0", "`eval_every`": "--eval-every",
     "`model_config`": "--input-size / --stream-a / --stream-b",
+    # adapt
+    "`eps`": "--eps", "`views`": "--views", "`min_samples`": "--min-samples",
 }
 
 
