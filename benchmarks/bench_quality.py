@@ -8,7 +8,10 @@ trained or tuned on it. Every row is measured in the same run on the same crops:
   hsv histogram     per horizontal stripe joint HSV histograms, sqrt-normalised (Hellinger)
   stream A pooled   the model's own MobileNetV2 stream (ImageNet), average-pooled local features
   streams A+B       both streams average-pooled, each L2-normalised, concatenated
+  seeded head       ``build_model(trained_head=False)``: the head before ``reid.train.distill`` fitted it
   default model     ``reid.model.build_model()`` embeddings through ``reid.embed.embed_paths``
+  + reid adapt      ``reid.train.adapt`` from the default on the table's own crops, labels hidden
+  + reid train      (synthetic table) ``reid.train.train`` with labels, default recipe
 
 Two protocols, one table: (A) each query track against its own later crops and those of every track on
 screen at the same time: those are certainly other people, so the labels are clean; (B) every query
@@ -20,7 +23,12 @@ Each baseline is a plain function ``(list of uint8 RGB crops) -> float32 [N, D]`
 more rows (trained checkpoints, ``reid adapt``) can be added to ``rows()``. Metrics: Market-1501 protocol
 (``reid.evaluation.evaluate_features``; query camera 1, gallery camera 2, distractors identity 0).
 
-    OMP_NUM_THREADS=2 python benchmarks/bench_quality.py [--data DIR] [--stride N]
+A second table does the same on a synthetic Market-1501 (``reid.synthetic``, a world seed of its own):
+``reid adapt`` on its training crops with the labels hidden (cameras from the names) and ``reid train``
+on them with the labels.
+
+    OMP_NUM_THREADS=2 python benchmarks/bench_quality.py [--data DIR] [--stride N] [--adapt-epochs N]
+        [--synthetic-ids N] [--train-epochs N] [--skip-vtest]
 """
 
 from __future__ import annotations
@@ -99,29 +107,29 @@ def default_model_paths(model: torch.nn.Module, paths: Sequence[Path]) -> np.nda
     return res.features
 
 
-def rows(model: torch.nn.Module, adapted: torch.nn.Module | None = None
+def rows(model: torch.nn.Module, extra: Sequence[tuple[str, torch.nn.Module]] = ()
          ) -> list[tuple[str, Features | torch.nn.Module]]:
     """(name, features of crops) for each row; a model instead: embedded from the crop files."""
-    out = [
+    from reid.model import build_model
+
+    return [
         ("hsv histogram (6 stripes, 8x4x4)", hsv_histogram),
         ("stream A pooled (MobileNetV2)", lambda crops: pooled_streams(model, crops, "a")),
         ("streams A+B pooled", lambda crops: pooled_streams(model, crops, "ab")),
+        ("seeded head (trained_head=False)", build_model(trained_head=False)),
         ("default model (build_model)", model),
+        *extra,
     ]
-    if adapted is not None:
-        out.append(("default + reid adapt (unlabeled crops)", adapted))
-    return out
 
 
-def adapt_to(ts: TrackletSet, out: Path, epochs: int) -> torch.nn.Module:
-    """``reid adapt`` from the default model on every crop of the set, labels hidden (one real camera:
-    the query/gallery split is not a camera change, so no camera-aware proxies); a finished run in
-    ``out`` is reused."""
+def adapt_to(folder: Path, out: Path, epochs: int, camera_aware: bool) -> torch.nn.Module:
+    """``reid adapt`` from the default model on every crop under ``folder``, labels hidden; a finished run
+    in ``out`` is reused."""
     from reid.model import load_checkpoint
     from reid.train.adapt import AdaptConfig, adapt
 
     t = time.perf_counter()
-    result = adapt(ts.root, out, config=AdaptConfig(epochs=epochs, camera_aware=False), device="cpu",
+    result = adapt(folder, out, config=AdaptConfig(epochs=epochs, camera_aware=camera_aware), device="cpu",
                    on_epoch=lambda r: print(f"  adapt epoch {r['epoch']}: {r['clusters']} clusters, "
                                             f"{r['outliers']} outliers, loss {r['loss']}", flush=True))
     print(f"reid adapt: {result.crops} crops, {result.epochs_done} epochs, {time.perf_counter() - t:.0f} s")
@@ -155,22 +163,66 @@ def evaluate_all(qf: np.ndarray, gf: np.ndarray, ts: TrackletSet, max_rank: int 
             "gallery": float(keep.sum())}
 
 
-def evaluate(ts: TrackletSet, model: torch.nn.Module, adapted: torch.nn.Module | None = None) -> list[dict]:
+def row_features(row: Features | torch.nn.Module, q_paths: Sequence[Path], g_paths: Sequence[Path]
+                 ) -> tuple[np.ndarray, np.ndarray, float]:
+    """Query and gallery features of one row, and the seconds they took."""
+    t = time.perf_counter()
+    if isinstance(row, torch.nn.Module):
+        qf, gf = default_model_paths(row, q_paths), default_model_paths(row, g_paths)
+    else:
+        qf, gf = row([decode_image(p) for p in q_paths]), row([decode_image(p) for p in g_paths])
+    return qf, gf, time.perf_counter() - t
+
+
+def evaluate(ts: TrackletSet, model: torch.nn.Module,
+             extra: Sequence[tuple[str, torch.nn.Module]] = ()) -> list[dict]:
     """Features of every row on the same crops, scored under both protocols."""
-    q_paths, g_paths = ts.paths("query"), ts.paths("gallery")
-    q_crops = [decode_image(p) for p in q_paths]
-    g_crops = [decode_image(p) for p in g_paths]
     results = []
-    for name, fn in rows(model, adapted):
-        t = time.perf_counter()
-        if isinstance(fn, torch.nn.Module):
-            qf, gf = default_model_paths(fn, q_paths), default_model_paths(fn, g_paths)
-        else:
-            qf, gf = fn(q_crops), fn(g_crops)
-        spent = time.perf_counter() - t
+    for name, row in rows(model, extra):
+        qf, gf, spent = row_features(row, ts.paths("query"), ts.paths("gallery"))
         results.append({"name": name, "dim": qf.shape[1], "s": spent,
                         "co": evaluate_cooccurring(qf, gf, ts), "all": evaluate_all(qf, gf, ts)})
     return results
+
+
+def synthetic_market(work: Path, model: torch.nn.Module, *, ids: int, adapt_epochs: int, train_epochs: int) -> None:
+    """The second table: a synthetic Market-1501 (``reid.synthetic``, its own world seed), every row on its
+    query x gallery; ``reid adapt`` on the training crops with their labels hidden (cameras from the names:
+    camera-aware proxies), ``reid train`` on them with labels and the default recipe."""
+    from reid.datasets import load
+    from reid.model import load_checkpoint
+    from reid.synthetic import write_market1501
+    from reid.train import TrainConfig, train
+
+    root = work / f"market-{ids}"
+    if not (root / ".done").exists():
+        write_market1501(root, num_train_ids=ids, num_test_ids=ids, num_distractors=ids // 2, num_junk=0, cameras=6,
+                         images_per_cam=2, seed=11)
+        (root / ".done").touch()
+    ds = load("market1501", root)
+    extra = []
+    if adapt_epochs:
+        train_dir = Path(ds.train[0].path).parent
+        extra.append((f"default + reid adapt ({adapt_epochs} ep, no labels)",
+                      adapt_to(train_dir, work / f"adapt-{ids}-{adapt_epochs}", adapt_epochs, camera_aware=True)))
+    if train_epochs:
+        t = time.perf_counter()
+        run = work / f"train-{ids}-{train_epochs}"
+        train(ds, run, TrainConfig(epochs=train_epochs, eval_every=0), device="cpu", resume=(run / "last").exists())
+        print(f"reid train: {train_epochs} epochs, {time.perf_counter() - t:.0f} s")
+        extra.append((f"default + reid train ({train_epochs} ep, labels)", load_checkpoint(run / "last")))
+    print(f"\nsynthetic Market-1501 ({root}): {len(ds.train)} training crops of {ds.num_train_pids} identities, "
+          f"{len(ds.query)} queries, {len(ds.gallery)} gallery crops")
+    print(f"{'method':40s} {'dim':>4s} | {'mAP':>6s} {'rank-1':>6s} {'rank-5':>6s} | {'time s':>6s}")
+    q = [s.path for s in ds.query]
+    g = [s.path for s in ds.gallery]
+    qp, qc = np.array([s.pid for s in ds.query]), np.array([s.camid for s in ds.query])
+    gp, gc = np.array([s.pid for s in ds.gallery]), np.array([s.camid for s in ds.gallery])
+    for name, row in rows(model, extra):
+        qf, gf, spent = row_features(row, q, g)
+        r = evaluate_features(qf, gf, qp, gp, qc, gc)
+        print(f"{name:40s} {qf.shape[1]:4d} | {r.mAP:6.3f} {r.rank(1):6.3f} {r.rank(5):6.3f} | {spent:6.1f}",
+              flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -178,38 +230,58 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--data", default=str(DEFAULT_DATA), help="vtest data folder (default %(default)s)")
     parser.add_argument("--stride", type=int, default=1, help="detector on every N-th frame (default 1)")
     parser.add_argument("--adapt-epochs", type=int, default=12, help="reid adapt epochs; 0 = no adapt row")
+    parser.add_argument("--synthetic-ids", type=int, default=100,
+                        help="identities of the synthetic Market-1501 table (train and test each); 0 = no table")
+    parser.add_argument("--train-epochs", type=int, default=8,
+                        help="reid train epochs (default recipe) for its labeled row; 0 = no such row")
+    parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "reid-bench" / "synthetic",
+                        help="folder of the synthetic table's data and runs (reused; default %(default)s)")
+    parser.add_argument("--skip-vtest", action="store_true", help="only the synthetic table")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
     cv2.setNumThreads(2)
 
     t0 = time.perf_counter()
-    ts = build_tracklets(args.data, stride=args.stride)
-    s = ts.stats
-    t_data = time.perf_counter() - t0
     from reid.model import build_model
 
     model = build_model()
+    if not args.skip_vtest:
+        vtest_table(args, model)
+    if args.synthetic_ids:
+        synthetic_market(args.work, model, ids=args.synthetic_ids, adapt_epochs=args.adapt_epochs,
+                         train_epochs=args.train_epochs)
+    print(f"\ntotal {time.perf_counter() - t0:.1f} s")
+
+
+def vtest_table(args: argparse.Namespace, model: torch.nn.Module) -> None:
+    """The first table: every row on the vtest.avi tracklets, both protocols."""
+    t0 = time.perf_counter()
+    ts = build_tracklets(args.data, stride=args.stride)
+    s = ts.stats
+    t_data = time.perf_counter() - t0
     n_ids = len(set(ts.labels("query")[0].tolist()))
     n_distractors = int((ts.labels("gallery")[0] == 0).sum())
     print(f"vtest.avi tracklets ({ts.root}): {n_ids} identities, {len(ts.query)} queries, {len(ts.gallery)} gallery "
           f"crops ({n_distractors} from {s['distractor_tracks']} distractor tracklets); detector "
           f"{s['detector_ms_per_frame']} ms/frame over {s['frames_detected']} frames; data ready in {t_data:.1f} s "
           f"(first build {s['build_s']} s)")
-    adapted = adapt_to(ts, Path(args.data) / "adapt-run", args.adapt_epochs) if args.adapt_epochs else None
-    results = evaluate(ts, model, adapted)
+    # One real camera: the query/gallery split is not a camera change, so no camera-aware proxies.
+    extra = [(f"default + reid adapt ({args.adapt_epochs} ep, no labels)",
+              adapt_to(ts.root, Path(args.data) / "adapt-run", args.adapt_epochs, camera_aware=False))
+             ] if args.adapt_epochs else []
+    results = evaluate(ts, model, extra)
     co, al = results[0]["co"], results[0]["all"]
     print(f"\nA: each query track against the tracks on screen with it (certain negatives; {co['valid']} queries, "
           f"{co['gallery']:.0f} gallery crops each on average)\nB: against the gallery crops of all identities "
           f"({al['valid']} queries, {al['gallery']:.0f} crops, no distractors; other tracks may be the same person at "
           f"another time)\n")
-    print(f"{'method':34s} {'dim':>4s} | {'A mAP':>6s} {'rank-1':>6s} {'rank-5':>6s} | {'B mAP':>6s} {'rank-1':>6s} "
+    print(f"{'method':40s} {'dim':>4s} | {'A mAP':>6s} {'rank-1':>6s} {'rank-5':>6s} | {'B mAP':>6s} {'rank-1':>6s} "
           f"{'rank-5':>6s} | {'time s':>6s}")
     for r in results:
         a, b = r["co"], r["all"]
-        print(f"{r['name']:34s} {r['dim']:4d} | {a['mAP']:6.3f} {a['rank1']:6.3f} {a['rank5']:6.3f} | "
+        print(f"{r['name']:40s} {r['dim']:4d} | {a['mAP']:6.3f} {a['rank1']:6.3f} {a['rank5']:6.3f} | "
               f"{b['mAP']:6.3f} {b['rank1']:6.3f} {b['rank5']:6.3f} | {r['s']:6.1f}")
-    print(f"\ntotal {time.perf_counter() - t0:.1f} s")
 
 
 if __name__ == "__main__":

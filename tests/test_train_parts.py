@@ -277,3 +277,14 @@ def test_lr_schedule_warmup_cosine_step():
     assert lr_factor(5.0, epochs=10, schedule="constant") == 1.0
     with pytest.raises(InputError, match="unknown schedule"):
         lr_factor(0.0, epochs=1, schedule="linear")
+
+
+def test_warm_up_is_bounded_to_a_tenth_of_the_run():
+    from reid.train import TrainConfig
+
+    assert TrainConfig(epochs=60).warmup == 5.0  # long runs: as configured
+    assert TrainConfig(epochs=8).warmup == pytest.approx(0.8)  # short runs: a tenth, not 5 of 8 epochs
+    assert TrainConfig(epochs=8, warmup_max_fraction=1.0).warmup == 5.0
+    assert TrainConfig(epochs=8, warmup_epochs=0).warmup == 0.0
+    with pytest.raises(InputError, match="warmup_max_fraction"):
+        TrainConfig(warmup_max_fraction=1.5)

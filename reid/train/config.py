@@ -23,9 +23,11 @@ class TrainConfig:
     batch_k: int = 4
     lr: float = 3.5e-4
     backbone_lr_mult: float = 0.1
+    classifier_lr_mult: float = 1.0  # the identity classifier's lr / head lr (it starts from nothing)
     weight_decay: float = 5e-4
     schedule: str = "cosine"
     warmup_epochs: int = 5
+    warmup_max_fraction: float = 0.1  # the warm-up never takes more than this share of the run
     warmup_factor: float = 0.01
     milestones: tuple[int, ...] = (40, 70)
     gamma: float = 0.1
@@ -51,6 +53,8 @@ class TrainConfig:
             raise InputError(f"unknown `schedule` {self.schedule!r}; expected one of: {', '.join(SCHEDULES)}")
         if self.precision not in PRECISIONS:
             raise InputError(f"unknown `precision` {self.precision!r}; expected one of: {', '.join(PRECISIONS)}")
+        if not 0.0 <= self.warmup_max_fraction <= 1.0:
+            raise InputError(f"`warmup_max_fraction` must be within [0, 1], got {self.warmup_max_fraction}")
         if self.eval_every < 0:
             raise InputError(f"`eval_every` must be >= 0 (0 = never evaluate), got {self.eval_every}")
 
@@ -65,9 +69,18 @@ class TrainConfig:
         """Inverse of ``to_dict``; unknown keys are ignored (written by a newer version)."""
         names = {f.name for f in dataclasses.fields(cls)}
         kw = {k: v for k, v in d.items() if k in names}
+        # Runs saved before these options existed trained without them: resume them as they were.
+        kw.setdefault("warmup_max_fraction", 1.0)
+        kw.setdefault("classifier_lr_mult", 1.0)
         if "milestones" in kw:
             kw["milestones"] = tuple(int(m) for m in kw["milestones"])
         return cls(**kw)
+
+    @property
+    def warmup(self) -> float:
+        """Epochs of linear warm-up actually run: ``warmup_epochs``, at most ``warmup_max_fraction`` of the run
+        (a BoT-style 5-epoch warm-up would otherwise be most of a short run)."""
+        return min(float(self.warmup_epochs), self.warmup_max_fraction * self.epochs)
 
     def replace(self, **changes: Any) -> TrainConfig:
         """A copy with some fields changed."""

@@ -71,13 +71,18 @@ def _set_backbone_frozen(model: torch.nn.Module, frozen: bool) -> None:
 
 
 def _make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # Its own group only when its rate differs (runs saved before this option resume with their two groups).
+    classifier = {id(p) for p in model.classifier.parameters()} \
+        if model.classifier is not None and cfg.classifier_lr_mult != 1.0 else set()
     groups = [
         {"params": list(model.backbone_parameters()), "lr": cfg.lr * cfg.backbone_lr_mult,
          "base_lr": cfg.lr * cfg.backbone_lr_mult, "name": "backbone"},
-        {"params": [p for p in model.head_parameters() if p.requires_grad], "lr": cfg.lr,
+        {"params": [p for p in model.head_parameters() if p.requires_grad and id(p) not in classifier], "lr": cfg.lr,
          "base_lr": cfg.lr, "name": "head"},
+        {"params": [p for p in model.head_parameters() if p.requires_grad and id(p) in classifier],
+         "lr": cfg.lr * cfg.classifier_lr_mult, "base_lr": cfg.lr * cfg.classifier_lr_mult, "name": "classifier"},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=cfg.weight_decay)
+    return torch.optim.AdamW([g for g in groups if g["params"]], lr=cfg.lr, weight_decay=cfg.weight_decay)
 
 
 class Trainer:
@@ -294,11 +299,11 @@ class Trainer:
         log.info("epoch %d saved to %s%s", self.epoch, self.run.last_dir, " (new best)" if best else "")
 
     def _lr(self) -> float:
-        return self.optimizer.param_groups[-1]["lr"]
+        return next(g["lr"] for g in self.optimizer.param_groups if g.get("name") == "head")
 
     def _set_lr(self, progress: float) -> None:
         cfg = self.config
-        factor = lr_factor(progress, epochs=cfg.epochs, schedule=cfg.schedule, warmup_epochs=cfg.warmup_epochs,
+        factor = lr_factor(progress, epochs=cfg.epochs, schedule=cfg.schedule, warmup_epochs=cfg.warmup,
                            warmup_factor=cfg.warmup_factor, milestones=cfg.milestones, gamma=cfg.gamma,
                            min_factor=cfg.min_lr_factor)
         for group in self.optimizer.param_groups:
