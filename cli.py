@@ -63,6 +63,21 @@ class DeviceName(str, Enum):
     cuda = "cuda"
 
 
+class RuntimeName(str, Enum):
+    """--runtime: auto takes ONNX Runtime on a CPU and torch with CUDA (reid.engine)."""
+
+    auto = "auto"
+    torch = "torch"
+    onnx = "onnx"
+    openvino = "openvino"
+
+
+def _runtime_option() -> typer.models.OptionInfo:
+    return typer.Option(RuntimeName.auto, "--runtime",
+                        help="Embedding runtime: auto (ONNX Runtime on a CPU, torch with CUDA), torch, onnx or "
+                             "openvino; the model's export is made once and cached.")
+
+
 # Set when a read-only command has finished: ``run`` may then skip the interpreter's teardown.
 _read_only_done = False
 
@@ -192,14 +207,51 @@ def model_cmd(
     info = model_summary(model)
     files = [f"{role}: {path}" for role, path in (("A", stream_a_weights), ("B", stream_b_weights)) if path]
     streams = "packaged ImageNet streams" if not files else f"ImageNet streams ({'; '.join(files)})"
+    from reid.model import ModelConfig
+    from reid.model.net import uses_default_head
+
+    head = "shipped head" if uses_default_head(config or ModelConfig(), pretrained=pretrained) else "seeded head"
     info["weights"] = str(weights) if weights is not None else \
-        f"{streams if pretrained else 'seeded random streams'} + seeded head"
+        f"{streams if pretrained else 'seeded random streams'} + {head}"
     if as_json:
         typer.echo(json.dumps(info))
         return
     from reid.console import model_table
 
     out.print(model_table(info))
+
+
+class ExportFormat(str, Enum):
+    """--format of reid export."""
+
+    onnx = "onnx"
+    openvino = "openvino"
+
+
+@command("export", read_only=True)
+def export_cmd(
+    out_file: Path = typer.Argument(..., help="File to write: model.onnx, or model.xml (+ .bin) for openvino."),
+    weights: Path | None = typer.Option(None, "--weights", help="Checkpoint (folder or .pt); default: the default "
+                                        "model."),
+    fmt: ExportFormat = typer.Option(ExportFormat.onnx, "--format", help="onnx or openvino (IR, float32)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON document on stdout."),
+) -> None:
+    """Export the embedding model with its input contract and fingerprint in the file, checked against torch."""
+    import json
+
+    from reid.model.export import export_model
+    from reid.model.identity import ModelRef
+    from reid.runtime import prepare_torch
+
+    prepare_torch()
+    model, ref = ModelRef.load(None if weights is None else str(weights), "cpu")
+    report = export_model(model, out_file, fmt.value, fingerprint=ref.fingerprint)
+    if as_json:
+        typer.echo(json.dumps({k: v for k, v in report.items() if k != "reid.config"}))
+        return
+    out.print(f"exported {ref.source} ({ref.fingerprint}) as {fmt.value}: {', '.join(report['files'])}")
+    out.print(f"input {report['reid.input']}, {report['reid.input_size']}; output {report['reid.embed_dim']}-d "
+              f"L2-normalised; against torch: cosine min {report['cos_min']:.7f}, same top-5 {report['same_top5']}")
 
 
 # --- index / query / info / demo (issue 4) ----------------------------------------------------
@@ -246,6 +298,7 @@ def index_cmd(
     prune: bool = typer.Option(False, "--prune", help="Remove rows of files under GALLERY that are gone."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Drop every row and re-embed (e.g. with another model)."),
     wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for another writer of the index."),
+    runtime: RuntimeName = _runtime_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Embed every new or changed crop of GALLERY into the index (incremental, resumable)."""
@@ -256,7 +309,7 @@ def index_cmd(
         task = bar.add_task("embed", total=None)
         report = build_index(gallery, index, weights=None if weights is None else str(weights), batch_size=batch_size,
                              workers=workers, device=device.value, kind=kind and kind.value, prune=prune,
-                             rebuild=rebuild, wait=wait,
+                             rebuild=rebuild, wait=wait, runtime=runtime.value,
                              progress=lambda done, total: bar.update(task, completed=done, total=total))
     _render_index_report(report, as_json)
 
@@ -274,6 +327,7 @@ def query_cmd(
     other_cameras: bool = typer.Option(False, "--other-cameras", help="Leave out gallery crops from the query's own "
                                        "camera (read from a Market-style name, e.g. 0002_c1s1_...)."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
+    runtime: RuntimeName = _runtime_option(),
 ) -> None:
     """Rank the indexed gallery for each query crop (same model as the index, checked by fingerprint)."""
     import json
@@ -285,8 +339,8 @@ def query_cmd(
         from reid.viz import check_picture_path
 
         check_picture_path(save)
-    results = query_images(images, index, top=top, min_score=min_score, device=device.value, fuse=fuse,
-                           other_cameras=other_cameras)
+    results = query_images(images, index, top=top, min_score=min_score, device=device.value, runtime=runtime.value,
+                           fuse=fuse, other_cameras=other_cameras)
     for r in results:
         if as_json:
             typer.echo(json.dumps(r.to_dict()))
@@ -350,9 +404,12 @@ def demo_cmd(
     print_matches(out, results[0])
     picture = save_results(folder / "result.jpg", results)
     out.print(f"picture written to {picture}")
-    err.print("note: the default model has ImageNet streams and an untrained head, so expect wrong people among the "
-              "matches; `reid train` it (or index with --weights CHECKPOINT) for re-identification quality",
-              highlight=False, soft_wrap=True)
+    hits = results[0].matches
+    right = sum(m.pid == results[0].pid for m in hits)
+    err.print(f"{right} of the {len(hits)} matches are the query's person (identity {results[0].pid}, from the file "
+              f"names; the gallery holds {identities} people and distractors). The default head is fitted without "
+              f"labeled re-id data (README: \"Quality on real pedestrians\"); `reid adapt` on your own crops or "
+              f"`reid train` on labeled ones does better", highlight=False, soft_wrap=True)
 
 
 # --- evaluate (issue 6) -----------------------------------------------------------------------
@@ -452,7 +509,8 @@ def train_cmd(
     backbone_lr_mult: float | None = typer.Option(None, "--backbone-lr-mult", help="Streams' lr / head lr [0.1]."),
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="[5e-4]"),
     schedule: str | None = typer.Option(None, "--schedule", help="cosine, step or constant \\[cosine]."),
-    warmup_epochs: int | None = typer.Option(None, "--warmup-epochs", min=0, help="Linear warm-up [5]."),
+    warmup_epochs: int | None = typer.Option(None, "--warmup-epochs", min=0,
+                                             help="Linear warm-up, at most a tenth of the run [5]."),
     milestones: str | None = typer.Option(None, "--milestones", help="Step schedule: epochs of x0.1, e.g. 40,70."),
     freeze_backbone_epochs: int | None = typer.Option(None, "--freeze-backbone-epochs", min=0,
                                                          help="Train only the head for the first N epochs [0]."),

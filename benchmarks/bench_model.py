@@ -6,6 +6,8 @@ channels-last). Modes of our model:
   plain   the trained layers as they are (eval mode, gradients on), fp32: the accuracy reference
   bf16    the streams under CPU bf16 autocast (AMX), head fp32: measured, NOT used (see agreement)
   fp16    agreement only (CPU fp16 is slow here): what CUDA fp16 autocast would round the streams to
+  ONNX Runtime / OpenVINO f32: the model exported by ``reid.model.export`` (what ``--runtime`` runs),
+  next to ResNet-50 exported the same way (the ratio in the same runtime)
 Candidates run interleaved, several rounds, and the median time per round is reported, so load
 from other processes hits all of them alike. Agreement with `plain` is measured on synthetic
 pedestrian crops (and natural-image crops from scikit-image when installed).
@@ -17,8 +19,11 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import shutil
 import statistics
+import tempfile
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -126,33 +131,71 @@ def main() -> None:
         with torch.inference_mode():
             return resnet(x.contiguous(memory_format=torch.channels_last))
 
-    cands = {"ResNet-50 fp32 channels-last": r50, "ours fused fp32 (default)": ours("fused"),
+    cands = {"ResNet-50 fp32 channels-last": r50, "ours fused fp32 (torch)": ours("fused"),
              "ours plain fp32": ours("plain"), "ours bf16 streams (rejected)": ours("bf16")}
+    tmp = Path(tempfile.mkdtemp(prefix="bench_model_"))
+    exported = exported_runtimes(model, resnet, tmp, args.threads)
+    cands.update({name: (lambda x, run=run: run(x.numpy())) for name, run in exported.items()})
 
     rows = []
     for batch, rounds, iters in ((args.batch, args.rounds, 1), (1, 3, 8)):
         times = interleaved_times(cands, torch.rand(batch, 3, 256, 128), rounds, iters)
         base = statistics.median(times["ResNet-50 fp32 channels-last"])
+        base_ort = statistics.median(times["ResNet-50 ONNX Runtime fp32"])
         for k in cands:
             med = statistics.median(times[k])
-            rows.append((batch, k, batch / med, base / med, batch / min(times[k])))
+            rows.append((batch, k, batch / med, base / med, base_ort / med, batch / min(times[k]), 1000 * med))
 
     print(f"\nthreads={args.threads}  input 256x128  torch {torch.__version__}  (median of interleaved rounds)")
-    print(f"{'batch':>5}  {'model':<30} {'img/s':>8} {'x ResNet-50':>12} {'best img/s':>11}")
-    for batch, k, ips, ratio, best in rows:
-        print(f"{batch:>5}  {k:<30} {ips:8.1f} {ratio:12.2f} {best:11.1f}")
+    print(f"{'batch':>5}  {'model':<30} {'img/s':>8} {'x R50 torch':>12} {'x R50 ORT':>10} {'best img/s':>11} "
+          f"{'ms/batch':>9}")
+    for batch, k, ips, ratio, ratio_ort, best, ms in rows:
+        print(f"{batch:>5}  {k:<30} {ips:8.1f} {ratio:12.2f} {ratio_ort:10.2f} {best:11.1f} {ms:9.1f}")
 
     xs, _ = crops()
     ref = torch.cat([ours("plain")(xs[i : i + 32]) for i in range(0, len(xs), 32)])
     print(f"\nagreement with plain fp32 on {len(xs)} crops "
           "(cosine; share of images whose ranking of the others is unchanged)")
     print(f"{'mode':<30} {'cos min':>8} {'cos mean':>9} {'top-1':>7} {'top-5 set':>10} {'full':>7}")
-    for mode in ("fused", "bf16", "fp16"):
-        emb = torch.cat([ours(mode)(xs[i : i + 32]) for i in range(0, len(xs), 32)])
+    modes = {mode: ours(mode) for mode in ("fused", "bf16", "fp16")}
+    modes.update({name: (lambda x, run=run: torch.from_numpy(np.asarray(run(x.numpy()))))
+                  for name, run in exported.items() if not name.startswith("ResNet")})
+    for mode, run in modes.items():
+        emb = torch.nn.functional.normalize(torch.cat([run(xs[i : i + 32]) for i in range(0, len(xs), 32)]), dim=1)
         a = agreement(ref, emb)
         print(f"{mode:<30} {a['cos_min']:8.5f} {a['cos_mean']:9.5f} {a['top1']:7.1%} {a['top5']:10.1%} "
               f"{a['full']:7.1%}")
-    print("\nrule: a faster mode is used only with cos min >= 0.999 and unchanged rankings")
+    print("\nrule: a faster mode is used only with cos min >= 0.999 and unchanged rankings; `--runtime auto` takes\n"
+          "ONNX Runtime on a CPU (reid.engine: it must also match torch to cosine 0.9999 on its check crops)")
+    shutil.rmtree(tmp, ignore_errors=True)
+
+
+def exported_runtimes(model, resnet, tmp: Path, threads: int) -> dict:
+    """name -> run(float32 NCHW numpy) for our export on ONNX Runtime (and OpenVINO f32 when installed), and
+    ResNet-50 exported the same way on ONNX Runtime (the same-runtime ratio)."""
+    import warnings
+
+    from reid.engine import open_exported
+    from reid.model.export import export_model
+
+    export_model(model, tmp / "ours.onnx", "onnx")
+    out = {"ours ONNX Runtime fp32": open_exported(tmp / "ours.onnx", "onnx", threads=threads)._run}
+    try:
+        export_model(model, tmp / "ours.xml", "openvino")
+        out["ours OpenVINO f32"] = open_exported(tmp / "ours.xml", "openvino", threads=threads)._run
+    except Exception as e:  # noqa: BLE001 - OpenVINO missing or failing: the table says so
+        print(f"OpenVINO row left out: {e}")
+    import onnxruntime as ort
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(resnet, (torch.rand(2, 3, 256, 128),), str(tmp / "r50.onnx"), dynamo=False, opset_version=17,
+                          input_names=["x"], output_names=["y"], dynamic_axes={"x": {0: "b"}, "y": {0: "b"}})
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = threads
+    session = ort.InferenceSession(str(tmp / "r50.onnx"), opts, providers=["CPUExecutionProvider"])
+    out["ResNet-50 ONNX Runtime fp32"] = lambda x: session.run(None, {"x": x})[0]
+    return out
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import numpy as np
 import torch
 
 from reid.images import decode_image, resize_crop
-from reid.errors import ReidError
+from reid.engine import ExportedEmbedder
+from reid.errors import InputError, ReidError
 from reid.runtime import prepare_torch
 
 log = logging.getLogger(__name__)
@@ -91,11 +92,19 @@ def _forward(model: torch.nn.Module, x: torch.Tensor, flip: bool) -> torch.Tenso
 
 def _run(model: torch.nn.Module, batch: torch.Tensor, device: torch.device, flip: bool) -> torch.Tensor:
     """uint8 crops [B,H,W,3] (already resized) -> embeddings on the CPU."""
+    if isinstance(model, ExportedEmbedder):  # ONNX Runtime / OpenVINO: the same numbers in, numpy out
+        crops = batch.numpy()
+        feats = model.embed_batch(crops)
+        if flip:
+            feats = feats + model.embed_batch(np.ascontiguousarray(crops[:, :, ::-1]))
+        return torch.nn.functional.normalize(torch.from_numpy(feats), dim=1)
     return _forward(model, to_model_input(batch.to(device, non_blocking=True)), flip).cpu()
 
 
 def _prepare(model: torch.nn.Module, device: torch.device | None) -> torch.device:
     prepare_torch()
+    if isinstance(model, ExportedEmbedder):
+        return torch.device("cpu")
     if device is None:
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.to(device).eval()
@@ -129,6 +138,8 @@ def embed_arrays(
     For tensors made in memory (benchmarks, training batches); image files and decoded crops go
     through ``embed_paths`` / ``embed_images``.
     """
+    if isinstance(model, ExportedEmbedder):
+        raise InputError("embed_arrays takes a torch model; an exported one embeds uint8 crops (embed_images)")
     device = _prepare(model, device)
     images = torch.as_tensor(images, dtype=torch.float32)
     with _mode(model, len(images)):

@@ -165,22 +165,29 @@ def index_folder(gallery: Gallery, model, folder: str | os.PathLike, *, batch_si
 
 def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights: str | None = None,
                 batch_size: int = 32, workers: int | None = None, device: str = "auto", kind: str | None = None,
-                prune: bool = False, rebuild: bool = False, wait: float = 0.0,
+                prune: bool = False, rebuild: bool = False, wait: float = 0.0, runtime: str = "auto",
                 progress: Progress | None = None) -> IndexReport:
     """``reid index``: open (or create) the gallery at ``index``, check its model, and index the folder ``gallery``.
 
     ``weights=None`` uses the model the gallery was built with (the default model for a new one).
+    ``runtime``: torch, or the model's export on ONNX Runtime / OpenVINO (``reid.engine``; ``auto`` takes
+    ONNX Runtime on a CPU). The export is made, checked against torch and cached here, so every later
+    ``reid query`` on this gallery runs without torch.
     """
+    from reid import engine
     from reid.model.identity import DEFAULT_SOURCE, ModelRef, model_source
     from reid.runtime import resolve_device
 
     root = Path(gallery).expanduser()
     find_images(root)  # fail fast on a missing folder, before creating anything
-    dev = resolve_device(device)
+    use_torch = engine.wants_torch(runtime, device)
+    dev = resolve_device(device if use_torch else "cpu")
     with open_gallery(index, write=True, wait=wait) as store:
         built_with = store.built_with()
         source = model_source(weights) if weights is not None else (built_with.source if built_with else DEFAULT_SOURCE)
         model, ref = ModelRef.load(source, dev)
         store.bind(ref, kind=kind, rebuild=rebuild)
+        if not use_torch:
+            model = engine.ensure_exported(model, ref.fingerprint, engine.exported_runtime(runtime))
         return index_folder(store, model, root, batch_size=batch_size, workers=workers, device=dev,
                             prune=prune, progress=progress)

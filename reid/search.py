@@ -85,36 +85,43 @@ def require_rows(gallery: Gallery) -> None:
 
 
 class Searcher:
-    """An open gallery plus the model that built it (checked by fingerprint)."""
+    """An open gallery plus the model that built it (checked by fingerprint): the torch network, or its
+    export on ONNX Runtime / OpenVINO (``reid.engine``; then torch is not even imported)."""
 
     def __init__(self, gallery: Gallery, model, device) -> None:
         self.gallery = gallery
         self.model = model
-        self.device = device
+        self.device = device  # a torch.device, or None for an exported model
 
     @classmethod
-    def open(cls, index: str | os.PathLike, *, device: str = "auto") -> Searcher:
+    def open(cls, index: str | os.PathLike, *, device: str = "auto", runtime: str = "auto") -> Searcher:
         """Open a non-empty gallery read-only and load its model; StoreError when either is unusable."""
-        from reid.runtime import resolve_device
-
         gallery = open_gallery(index, prefetch=True)  # its vectors load while the model does
         try:
             require_rows(gallery)
-            return cls.on(gallery, resolve_device(device))
+            return cls.on(gallery, device, runtime)
         except BaseException:
             gallery.close()
             raise
 
     @classmethod
-    def on(cls, gallery: Gallery, device) -> Searcher:
+    def on(cls, gallery: Gallery, device: str = "auto", runtime: str = "auto") -> Searcher:
         """A searcher over an open gallery with the model its vectors come from (StoreError if it is gone or
-        changed)."""
-        from reid.model.identity import load_built_with
+        changed). A non-torch ``runtime`` (``auto`` on a CPU) uses the export cached for the gallery's model
+        fingerprint, exporting it first when there is none."""
+        from reid import engine
 
         built_with = gallery.built_with()
         if built_with is None:
             raise EmptyGalleryError(gallery.location)
-        model, _ = load_built_with(built_with, gallery.location, device)
+        if not engine.wants_torch(runtime, device):
+            fmt = engine.exported_runtime(runtime)
+            exported = engine.cached_embedder(built_with.fingerprint, fmt)
+            if exported is None:
+                model, ref = _load_torch(built_with, gallery.location, "cpu")
+                exported = engine.ensure_exported(model, ref.fingerprint, fmt)
+            return cls(gallery, exported, None)
+        model, _ = _load_torch(built_with, gallery.location, device)
         return cls(gallery, model, next(model.parameters()).device)
 
     def close(self) -> None:
@@ -129,6 +136,8 @@ class Searcher:
 
     def embed(self, images: Sequence[np.ndarray]) -> np.ndarray:
         """Embed decoded uint8 RGB images -> float32 [n, D], L2-normalised (the gallery's own embedding path)."""
+        if self.device is None:
+            return self.model.embed_images(images)
         from reid.embed import embed_images
 
         return embed_images(self.model, images, device=self.device)
@@ -173,21 +182,30 @@ class Searcher:
         return results
 
 
+def _load_torch(built_with, location: str, device):
+    """The gallery's torch model on ``device`` (a name, or a torch.device)."""
+    from reid.model.identity import load_built_with
+    from reid.runtime import resolve_device
+
+    return load_built_with(built_with, location, resolve_device(str(device)))
+
+
 def query_images(paths: Sequence[str | os.PathLike], index: str | os.PathLike, *, top: int = 10,
-                 min_score: float | None = None, device: str = "auto", fuse: bool = False,
+                 min_score: float | None = None, device: str = "auto", runtime: str = "auto", fuse: bool = False,
                  other_cameras: bool = False, where: Filter | None = None) -> list[QueryResult]:
     """``reid query``: check the gallery and the images first (cheap), then load the model and search."""
     if not paths:
         raise InputError("no query image given")
     if other_cameras:
         require_cameras(paths)  # before any loading
-    from reid.runtime import resolve_device
+    from reid.engine import wants_torch
 
+    wants_torch(runtime, device)  # an unknown runtime or a CPU runtime on CUDA fails before any loading
     # A missing or empty gallery fails before any decoding; its vectors load while the images decode
     # and the model loads.
     with open_gallery(index, prefetch=True) as gallery:
         require_rows(gallery)
         images = load_queries(paths)
-        searcher = Searcher.on(gallery, resolve_device(device))
+        searcher = Searcher.on(gallery, device, runtime)
         return searcher.query(paths, top=top, min_score=min_score, images=images, fuse=fuse,
                               other_cameras=other_cameras, where=where)

@@ -1,9 +1,12 @@
 import os
+import tempfile
 
 import pytest
 
 # Keep test runs light on the 2-core machines; numerics do not depend on thread count.
 os.environ.setdefault("OMP_NUM_THREADS", "2")
+# Exported models (reid.engine) go to a cache of this run, never to the user's ~/.cache/reid.
+os.environ["REID_CACHE_DIR"] = tempfile.mkdtemp(prefix="reid-test-cache-")
 
 
 def pytest_configure(config):

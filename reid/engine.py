@@ -1,0 +1,196 @@
+"""Embedding runtimes: torch (the reference, and training), ONNX Runtime and OpenVINO on an exported model.
+
+An exported model (``reid.model.export``) is a derived artifact kept per model fingerprint in the
+export cache (``$REID_CACHE_DIR/exports/FINGERPRINT/``, default ``~/.cache/reid``): built on first
+need from the torch model and checked against it, rebuilt (with a warning) when missing or corrupt,
+and never used for another fingerprint. This module imports neither torch nor the runtimes until
+asked: ``reid query`` on a gallery whose model is exported runs without importing torch.
+
+``auto`` picks ONNX Runtime on the CPU (it matches torch to cosine 0.9999996 and ran 1.3-1.5x the
+fused torch path here; OpenVINO f32 is about as fast but a heavier install, so it is taken only
+when asked) and torch where CUDA is asked for or an NVIDIA GPU is visible.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from collections.abc import Sequence
+
+import numpy as np
+
+from reid.errors import CheckpointError, InputError
+from reid.images import resize_crop
+
+log = logging.getLogger(__name__)
+
+RUNTIMES = ("auto", "torch", "onnx", "openvino")
+FILES = {"onnx": "model.onnx", "openvino": "model.xml"}
+INPUT_NAME, OUTPUT_NAME = "crops", "embeddings"  # of every exported graph (reid.model.export)
+
+
+def export_cache_dir() -> Path:
+    """Where exported models are kept: ``$REID_CACHE_DIR/exports`` (default ``~/.cache/reid/exports``)."""
+    root = os.environ.get("REID_CACHE_DIR") or Path.home() / ".cache" / "reid"
+    return Path(root).expanduser() / "exports"
+
+
+def export_path(fingerprint: str, fmt: str) -> Path:
+    """The cached export of the model ``fingerprint`` in format ``fmt``."""
+    if fmt not in FILES:
+        raise InputError(f"unknown export format {fmt!r}; expected one of: {', '.join(FILES)}")
+    return export_cache_dir() / fingerprint / FILES[fmt]
+
+
+class ExportedEmbedder:
+    """An exported model on ONNX Runtime or OpenVINO: the same resize and conversion as the torch path
+    (``reid.images.resize_crop``, ``to_unit_float``), the runtime's L2-normalised output."""
+
+    def __init__(self, path: Path, fmt: str, run, meta: dict[str, str]) -> None:
+        self.path, self.runtime, self._run, self.meta = path, fmt, run, meta
+        self.fingerprint = meta["reid.fingerprint"]
+        h, w = (int(v) for v in meta["reid.input_size"].split("x"))
+        self.input_size = (h, w)
+        self.embed_dim = int(meta["reid.embed_dim"])
+
+    def embed_batch(self, crops: np.ndarray) -> np.ndarray:
+        """uint8 crops [B,H,W,3] at ``input_size`` -> float32 [B, D], L2-normalised."""
+        x = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
+        out = np.asarray(self._run(x), dtype=np.float32)
+        return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
+
+    def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
+        """Decoded uint8 HxWx3 RGB images of any size -> float32 [N, D] (``reid.embed.embed_images``'s numbers)."""
+        out = []
+        for s in range(0, len(images), batch_size):
+            batch = np.stack([resize_crop(img, self.input_size) for img in images[s : s + batch_size]])
+            out.append(self.embed_batch(batch))
+        return np.concatenate(out) if out else np.zeros((0, self.embed_dim), np.float32)
+
+    def __repr__(self) -> str:
+        return f"ExportedEmbedder({self.runtime}, {self.fingerprint}, {self.path})"
+
+
+def _open_onnx(path: Path, threads: int | None):
+    try:
+        import onnxruntime as ort
+    except ImportError as e:
+        raise InputError("ONNX Runtime is not installed: `pip install onnxruntime`, or `--runtime torch`") from e
+    meta = read_onnx_metadata(path)
+    opts = ort.SessionOptions()
+    if threads:
+        opts.intra_op_num_threads = threads
+    try:
+        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph / RuntimeException types
+        raise CheckpointError(f"ONNX Runtime cannot load {path}: {e}") from None
+    return meta, lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+
+def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
+    """The ``reid.*`` metadata of an exported ONNX file (CheckpointError if it is not one)."""
+    import onnx
+
+    try:
+        proto = onnx.load(str(path), load_external_data=False)
+    except Exception as e:  # noqa: BLE001 - protobuf raises DecodeError, OSError, ValueError...
+        raise CheckpointError(f"{path} is not a readable ONNX file ({type(e).__name__}: {e})") from None
+    meta = {p.key: p.value for p in proto.metadata_props if p.key.startswith("reid.")}
+    if "reid.fingerprint" not in meta:
+        raise CheckpointError(f"{path} is an ONNX file without reid's metadata; export it with `reid export`")
+    return meta
+
+
+def _open_openvino(path: Path, threads: int | None):
+    try:
+        import openvino as ov
+    except ImportError as e:
+        raise InputError("OpenVINO is not installed: `pip install openvino`, or `--runtime onnx`") from e
+    core = ov.Core()
+    try:
+        model = core.read_model(str(path))
+        meta = {f"reid.{k}": str(model.get_rt_info(["reid", k]).astype(str))
+                for k in ("format_version", "fingerprint", "input_size", "embed_dim")}
+    except Exception as e:  # noqa: BLE001 - OpenVINO raises RuntimeError subclasses of its own
+        raise CheckpointError(f"OpenVINO cannot read {path} as a reid export: {e}") from None
+    # f32: OpenVINO's default on CPUs with bf16 (AMX / AVX-512 BF16) moved embeddings to cosine 0.989.
+    config = {"INFERENCE_PRECISION_HINT": "f32"}
+    if threads:
+        config["INFERENCE_NUM_THREADS"] = threads
+    compiled = core.compile_model(model, "CPU", config)
+    return meta, lambda x: compiled(x)[0]
+
+
+def open_exported(path: str | os.PathLike, fmt: str, *, threads: int | None = None,
+                  fingerprint: str | None = None) -> ExportedEmbedder:
+    """Open an exported file on its runtime; ModelMismatchError when it is not the model ``fingerprint``."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"exported model {path} does not exist")
+    opener = {"onnx": _open_onnx, "openvino": _open_openvino}.get(fmt)
+    if opener is None:
+        raise InputError(f"unknown export format {fmt!r}; expected one of: {', '.join(FILES)}")
+    meta, run = opener(path, threads)
+    embedder = ExportedEmbedder(path, fmt, run, meta)
+    if fingerprint is not None and embedder.fingerprint != fingerprint:
+        raise CheckpointError(f"exported model {path} is the model {embedder.fingerprint}, not {fingerprint}; an "
+                              f"export is never used for another model")
+    return embedder
+
+
+def cached_embedder(fingerprint: str, fmt: str = "onnx", *, threads: int | None = None) -> ExportedEmbedder | None:
+    """The cached export of ``fingerprint`` on its runtime, or None when there is none or it is unusable
+    (corrupt, or another model's: a warning says so, and the next ``ensure_exported`` rebuilds it)."""
+    path = export_path(fingerprint, fmt)
+    if not path.is_file():
+        return None
+    try:
+        return open_exported(path, fmt, threads=threads, fingerprint=fingerprint)
+    except CheckpointError as e:
+        log.warning("the cached %s export %s is unusable and will be rebuilt: %s", fmt, path, e)
+        return None
+
+
+def ensure_exported(model, fingerprint: str, fmt: str = "onnx", *, threads: int | None = None) -> ExportedEmbedder:
+    """The export of ``model`` (torch, whose fingerprint is ``fingerprint``) from the cache, built and checked
+    against torch first when it is missing or unusable."""
+    found = cached_embedder(fingerprint, fmt, threads=threads)
+    if found is not None:
+        return found
+    from reid.model.export import export_onnx, export_openvino
+
+    onnx_file = export_path(fingerprint, "onnx")
+    log.info("exporting model %s for %s (once per model) to %s", fingerprint, fmt, onnx_file.parent)
+    if fmt == "onnx" or cached_embedder(fingerprint, "onnx") is None:
+        export_onnx(model, onnx_file, fingerprint=fingerprint)
+    if fmt == "openvino":
+        export_openvino(onnx_file, export_path(fingerprint, "openvino"))
+    return open_exported(export_path(fingerprint, fmt), fmt, threads=threads, fingerprint=fingerprint)
+
+
+def wants_torch(runtime: str, device) -> bool:
+    """Whether ``runtime`` on ``device`` means the torch path (``auto``: when CUDA is asked for or visible)."""
+    if runtime not in RUNTIMES:
+        raise InputError(f"unknown runtime {runtime!r}; expected one of: {', '.join(RUNTIMES)}")
+    device = str(device or "auto").lower()  # a name, or a torch.device
+    if runtime == "torch":
+        return True
+    if device.startswith("cuda"):
+        if runtime != "auto":
+            raise InputError(f"runtime {runtime} runs on the CPU here; use `--runtime torch` (or auto) for CUDA")
+        return True
+    return runtime == "auto" and device == "auto" and _nvidia_gpu_visible()
+
+
+def _nvidia_gpu_visible() -> bool:
+    """An NVIDIA GPU the driver lists (without importing torch); CUDA_VISIBLE_DEVICES="" hides them."""
+    if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
+        return False
+    gpus = Path("/proc/driver/nvidia/gpus")
+    return gpus.is_dir() and any(gpus.iterdir())
+
+
+def exported_runtime(runtime: str) -> str:
+    """The export format a non-torch ``runtime`` runs (``auto`` -> onnx)."""
+    return "onnx" if runtime == "auto" else runtime
