@@ -505,8 +505,10 @@ def train_cmd(
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs in all [60]."),
     batch_p: int | None = typer.Option(None, "--batch-p", min=1, help="Identities per batch [16]."),
     batch_k: int | None = typer.Option(None, "--batch-k", min=1, help="Images per identity [4]."),
-    lr: float | None = typer.Option(None, "--lr", help="Head learning rate (AdamW) [3.5e-4]."),
+    lr: float | None = typer.Option(None, "--lr", help="Head learning rate (AdamW) [3e-3]."),
     backbone_lr_mult: float | None = typer.Option(None, "--backbone-lr-mult", help="Streams' lr / head lr [0.1]."),
+    classifier_lr_mult: float | None = typer.Option(None, "--classifier-lr-mult",
+                                                    help="Identity classifier's lr / head lr [10]."),
     weight_decay: float | None = typer.Option(None, "--weight-decay", help="[5e-4]"),
     schedule: str | None = typer.Option(None, "--schedule", help="cosine, step or constant \\[cosine]."),
     warmup_epochs: int | None = typer.Option(None, "--warmup-epochs", min=0,
@@ -548,6 +550,7 @@ def train_cmd(
     out_dir = out_dir or Path("runs") / dataset.lower()
     changes = {k: v for k, v in dict(
         epochs=epochs, batch_p=batch_p, batch_k=batch_k, lr=lr, backbone_lr_mult=backbone_lr_mult,
+        classifier_lr_mult=classifier_lr_mult,
         weight_decay=weight_decay, schedule=schedule, warmup_epochs=warmup_epochs,
         freeze_backbone_epochs=freeze_backbone_epochs, attention_entropy_weight=attention_entropy,
         precision=precision, seed=seed, eval_every=eval_every).items() if v is not None}

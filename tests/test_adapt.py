@@ -32,6 +32,20 @@ def test_clusters_recover_well_separated_identities():
         assert len(set(truth[found.labels == c])) == 1
 
 
+def test_the_automatic_radius_follows_the_distances():
+    from reid.train.pseudo_labels import auto_eps
+
+    d = np.array([[0, 0.1, 0.2, 0.9], [0.1, 0, 0.3, 0.8], [0.2, 0.3, 0, 0.7], [0.9, 0.8, 0.7, 0]])
+    assert auto_eps(d, rho=0.01) == pytest.approx((0.1 + 0.2 + 0.3 + 0.7) / 4)  # at least one pair per crop
+    assert auto_eps(d, rho=0.9) == pytest.approx((0.1 + 0.2 + 0.3 + 0.7 + 0.8) / 5)  # 90% of the 6 pairs
+    x, truth = blobs(spread=0.3)
+    found = cluster_features(x, eps=None, k1=5, k2=2, min_samples=3)
+    assert 0 < found.eps < 0.6 and found.num_clusters >= 1
+    for c in range(found.num_clusters):  # what it clusters, it clusters right
+        assert len(set(truth[found.labels == c])) == 1
+    assert cluster_features(x, eps=0.4, k1=5, k2=2, min_samples=3).eps == 0.4
+
+
 def test_tracklets_are_must_links():
     x, truth = blobs(ids=4, per=5)
     tracks = np.full(len(x), -1)

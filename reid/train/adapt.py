@@ -45,7 +45,8 @@ class AdaptConfig:
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
     views: int = 4  # cached views per crop: the clean one and views - 1 augmented ones
-    eps: float = 0.6
+    eps: float | None = 0.6  # DBSCAN radius; None: from each epoch's distances (pseudo_labels.auto_eps)
+    rho: float = 1.6e-3  # with eps None: the share of closest pairs whose mean distance is the radius
     min_samples: int = 4
     k1: int = 30
     k2: int = 6
@@ -58,8 +59,10 @@ class AdaptConfig:
         for name in ("epochs", "batch_p", "batch_k", "views", "min_samples", "k1", "k2"):
             if int(getattr(self, name)) < 1:
                 raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")
-        if not 0.0 < self.eps < 1.0:
+        if self.eps is not None and not 0.0 < self.eps < 1.0:
             raise InputError(f"`eps` must be within (0, 1), got {self.eps}")
+        if not 0.0 < self.rho < 1.0:
+            raise InputError(f"`rho` must be within (0, 1), got {self.rho}")
 
 
 @dataclass
@@ -227,9 +230,11 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         feats = embed_maps(model, clean)
-        clusters = cluster_features(feats, eps=config.eps, min_samples=config.min_samples, k1=config.k1, k2=config.k2)
+        clusters = cluster_features(feats, eps=config.eps, rho=config.rho, min_samples=config.min_samples,
+                                    k1=config.k1, k2=config.k2)
         record: dict[str, Any] = {"epoch": epoch + 1, "clusters": clusters.num_clusters,
-                                  "outliers": clusters.num_outliers, "loss": None, "steps": 0,
+                                  "outliers": clusters.num_outliers, "eps": round(clusters.eps, 4),
+                                  "loss": None, "steps": 0,
                                   "cluster_seconds": round(time.perf_counter() - t0, 2)}
         if clusters.num_clusters >= 2:
             memory = ProxyMemory(feats, clusters, cameras, temperature=config.temperature, momentum=config.momentum,
@@ -243,8 +248,8 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
             model.eval()
             record.update(loss=round(float(np.mean(losses)), 4), steps=len(batches), proxies=len(memory))
         else:
-            log.warning("epoch %d: %d clusters among %d crops; nothing to learn from (try a larger eps)",
-                        epoch + 1, clusters.num_clusters, n)
+            log.warning("epoch %d: %d clusters among %d crops at radius %.3f; nothing to learn from (a smaller eps "
+                        "splits more, a larger one merges more)", epoch + 1, clusters.num_clusters, n, clusters.eps)
         record["seconds"] = round(time.perf_counter() - t0, 2)
         run.save(model, optimizer, epoch + 1, record, records)
         records.append(record)

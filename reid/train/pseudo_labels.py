@@ -27,6 +27,7 @@ class Clusters:
     """One epoch's pseudo-labels: ``labels[i]`` is a cluster id in 0..num_clusters-1, or -1 (outlier)."""
 
     labels: np.ndarray
+    eps: float = 0.0  # the DBSCAN radius used
 
     @property
     def num_clusters(self) -> int:
@@ -39,11 +40,33 @@ class Clusters:
         return int((self.labels < 0).sum())
 
 
-def cluster_features(features: np.ndarray, *, eps: float = 0.6, min_samples: int = 4, k1: int = 30, k2: int = 6,
-                     tracklets: np.ndarray | None = None) -> Clusters:
+RHO = 1.6e-3  # share of the closest pairs whose mean distance is the automatic DBSCAN radius
+
+
+def auto_eps(dist: np.ndarray, rho: float = RHO) -> float:
+    """The mean of the smallest ``rho`` share of the pairwise distances (Song et al. 2018, "Unsupervised
+    domain adaptive re-identification: theory and practice"), and of at least as many pairs as crops: a
+    radius that follows the distances' scale.
+
+    Measured with the shipped head on a held-out synthetic Market world (1,208 crops of 100 people): the
+    fixed radius 0.6 of Cluster Contrast's Market setting merged nearly everyone (adjusted Rand index 0.00
+    over the clustered crops), this rule (radius 0.34) gave 0.42 with 83% outliers; on a 322-crop synthetic
+    gallery 0.6 made one cluster, this rule 3 (ARI 0.60, 96% outliers); on well-separated toy blobs, whose
+    within-identity distances are all ~0, it is too tight. Not the default: neither radius suits small
+    galleries yet.
+    """
+    n = len(dist)
+    upper = dist[np.triu_indices(n, 1)]
+    m = min(upper.size, max(n, int(round(rho * upper.size))))  # at least one pair per crop in small galleries
+    return float(np.partition(upper, m - 1)[:m].mean())
+
+
+def cluster_features(features: np.ndarray, *, eps: float | None = 0.6, rho: float = RHO, min_samples: int = 4,
+                     k1: int = 30, k2: int = 6, tracklets: np.ndarray | None = None) -> Clusters:
     """DBSCAN over k-reciprocal Jaccard distances of L2-normalised ``features`` [N, D].
 
-    ``tracklets``: int [N], crops sharing a value >= 0 are one person (must-link); -1 for unknown.
+    ``eps``: the DBSCAN radius; None picks it from the distances (``auto_eps`` with ``rho``, before the
+    must-links). ``tracklets``: int [N], crops sharing a value >= 0 are one person (must-link); -1 for unknown.
     """
     from sklearn.cluster import DBSCAN
 
@@ -53,10 +76,12 @@ def cluster_features(features: np.ndarray, *, eps: float = 0.6, min_samples: int
     if n < 2:
         raise InputError(f"clustering needs at least 2 crops, got {n}")
     dist = jaccard_distances(features, k1=min(k1, n - 1), k2=min(k2, n))
+    if eps is None:
+        eps = max(auto_eps(dist, rho), 1e-6)
     if tracklets is not None:
         _must_link(dist, np.asarray(tracklets))
     labels = DBSCAN(eps=eps, min_samples=min_samples, metric="precomputed", n_jobs=1).fit_predict(dist)
-    return Clusters(labels.astype(np.int64))
+    return Clusters(labels.astype(np.int64), float(eps))
 
 
 def _must_link(dist: np.ndarray, tracklets: np.ndarray) -> None:
