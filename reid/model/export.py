@@ -105,7 +105,8 @@ def export_onnx(model, out: str | os.PathLike, *, fingerprint: str | None = None
     out.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(out) as tmp, torch.no_grad(), model.run_mode(fused=False), warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the TorchScript exporter's deprecation and shape-inference notes
-        torch.onnx.export(model, (torch.rand(2, 3, h, w),), str(tmp), dynamo=False, opset_version=OPSET,
+        example = torch.rand(2, 3, h, w, generator=torch.Generator().manual_seed(0))  # leaves the global RNG alone
+        torch.onnx.export(model, (example,), str(tmp), dynamo=False, opset_version=OPSET,
                           input_names=[INPUT_NAME], output_names=[OUTPUT_NAME],
                           dynamic_axes={INPUT_NAME: {0: "batch"}, OUTPUT_NAME: {0: "batch"}})
         proto = onnx.load(str(tmp))
