@@ -72,20 +72,56 @@ class ExportedEmbedder:
         return f"ExportedEmbedder({self.runtime}, {self.fingerprint}, {self.path})"
 
 
-def _open_onnx(path: Path, threads: int | None):
+def _open_onnx(path: Path, threads: int | None, keep_optimized: bool = False):
+    """An ONNX Runtime session on ``path`` and the file's reid metadata (read by the session: no ``onnx`` import).
+
+    ``keep_optimized`` (the export cache): ONNX Runtime's graph optimisation took ~1 s of every one-shot
+    query, so the first open saves the graph optimised at the portable ``ORT_ENABLE_EXTENDED`` level beside
+    the export (named after ORT's version and the export's size and mtime) and later opens start from it
+    (~0.2-0.5 s); an unreadable copy is dropped and made again.
+    """
     try:
         import onnxruntime as ort
     except ImportError as e:
         raise InputError("ONNX Runtime is not installed: `pip install onnxruntime`, or `--runtime torch`") from e
-    meta = read_onnx_metadata(path)
-    opts = ort.SessionOptions()
-    if threads:
-        opts.intra_op_num_threads = threads
+
+    def options():
+        opts = ort.SessionOptions()
+        if threads:
+            opts.intra_op_num_threads = threads
+        return opts
+
+    session = None
+    st = path.stat()  # the copy is named after the export's size and time: a rewritten export never meets it
+    optimized = path.with_name(f"{path.stem}.ort-{ort.__version__}-{st.st_size}-{st.st_mtime_ns}.onnx")
+    if keep_optimized and optimized.is_file():
+        try:
+            session = ort.InferenceSession(str(optimized), options(), providers=["CPUExecutionProvider"])
+        except Exception:  # noqa: BLE001 - a damaged derived copy: drop it, use the export itself
+            log.warning("dropping the unreadable optimised copy %s", optimized)
+            optimized.unlink(missing_ok=True)
+    if session is None:
+        opts = options()
+        if keep_optimized:
+            from reid.atomic import atomic_path
+
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
+            with atomic_path(optimized) as tmp:
+                opts.optimized_model_filepath = str(tmp)
+                session = _session(ort, path, opts)
+        else:
+            session = _session(ort, path, opts)
+    meta = {k: v for k, v in session.get_modelmeta().custom_metadata_map.items() if k.startswith("reid.")}
+    if "reid.fingerprint" not in meta:
+        raise CheckpointError(f"{path} is an ONNX file without reid's metadata; export it with `reid export`")
+    return meta, lambda x: session.run(None, {INPUT_NAME: x})[0]
+
+
+def _session(ort, path: Path, opts):
     try:
-        session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - ORT raises its own Fail / InvalidGraph / RuntimeException types
         raise CheckpointError(f"ONNX Runtime cannot load {path}: {e}") from None
-    return meta, lambda x: session.run(None, {INPUT_NAME: x})[0]
 
 
 def read_onnx_metadata(path: str | os.PathLike) -> dict[str, str]:
@@ -123,15 +159,16 @@ def _open_openvino(path: Path, threads: int | None):
 
 
 def open_exported(path: str | os.PathLike, fmt: str, *, threads: int | None = None,
-                  fingerprint: str | None = None) -> ExportedEmbedder:
-    """Open an exported file on its runtime; ModelMismatchError when it is not the model ``fingerprint``."""
+                  fingerprint: str | None = None, keep_optimized: bool = False) -> ExportedEmbedder:
+    """Open an exported file on its runtime; CheckpointError when it is not the model ``fingerprint``.
+    ``keep_optimized``: ONNX Runtime keeps its optimised graph beside the file (for the export cache)."""
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"exported model {path} does not exist")
     opener = {"onnx": _open_onnx, "openvino": _open_openvino}.get(fmt)
     if opener is None:
         raise InputError(f"unknown export format {fmt!r}; expected one of: {', '.join(FILES)}")
-    meta, run = opener(path, threads)
+    meta, run = _open_onnx(path, threads, keep_optimized) if fmt == "onnx" else opener(path, threads)
     embedder = ExportedEmbedder(path, fmt, run, meta)
     if fingerprint is not None and embedder.fingerprint != fingerprint:
         raise CheckpointError(f"exported model {path} is the model {embedder.fingerprint}, not {fingerprint}; an "
@@ -146,7 +183,7 @@ def cached_embedder(fingerprint: str, fmt: str = "onnx", *, threads: int | None 
     if not path.is_file():
         return None
     try:
-        return open_exported(path, fmt, threads=threads, fingerprint=fingerprint)
+        return open_exported(path, fmt, threads=threads, fingerprint=fingerprint, keep_optimized=True)
     except CheckpointError as e:
         log.warning("the cached %s export %s is unusable and will be rebuilt: %s", fmt, path, e)
         return None
@@ -162,11 +199,14 @@ def ensure_exported(model, fingerprint: str, fmt: str = "onnx", *, threads: int 
 
     onnx_file = export_path(fingerprint, "onnx")
     log.info("exporting model %s for %s (once per model) to %s", fingerprint, fmt, onnx_file.parent)
+    for stale in onnx_file.parent.glob(f"{onnx_file.stem}.ort-*.onnx"):  # optimised copies of an older file
+        stale.unlink(missing_ok=True)
     if fmt == "onnx" or cached_embedder(fingerprint, "onnx") is None:
         export_onnx(model, onnx_file, fingerprint=fingerprint)
     if fmt == "openvino":
         export_openvino(onnx_file, export_path(fingerprint, "openvino"))
-    return open_exported(export_path(fingerprint, fmt), fmt, threads=threads, fingerprint=fingerprint)
+    return open_exported(export_path(fingerprint, fmt), fmt, threads=threads, fingerprint=fingerprint,
+                         keep_optimized=True)
 
 
 def wants_torch(runtime: str, device) -> bool:

@@ -172,3 +172,20 @@ def test_export_command(tmp_path, small):
     assert engine.read_onnx_metadata(tmp_path / "out" / "m.onnx")["reid.input_size"] == "64x32"
     r = runner.invoke(cli.app, ["export", str(tmp_path / "m.onnx"), "--weights", str(tmp_path / "nothing")])
     assert r.exit_code == 1 and "does not exist" in r.stderr
+
+
+def test_the_cache_keeps_an_optimised_copy_and_drops_a_damaged_one(small, caplog):
+    fp = model_fingerprint(small)
+    first = engine.ensure_exported(small, fp)
+    crops = crops_of_people(3)
+    before = first.embed_images(crops)
+    copies = list(engine.export_path(fp, "onnx").parent.glob("model.ort-*.onnx"))
+    assert len(copies) == 1
+    again = engine.cached_embedder(fp)  # from the optimised copy: same metadata, same numbers
+    assert again.fingerprint == fp and np.allclose(again.embed_images(crops), before, atol=1e-6)
+    copies[0].write_bytes(b"not a model")
+    with caplog.at_level(logging.WARNING, logger="reid.engine"):
+        third = engine.cached_embedder(fp)
+    assert "unreadable optimised copy" in caplog.text
+    assert np.allclose(third.embed_images(crops), before, atol=1e-6)
+    assert [p.stat().st_size > 100 for p in engine.export_path(fp, "onnx").parent.glob("model.ort-*.onnx")] == [True]
