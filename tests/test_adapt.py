@@ -141,22 +141,3 @@ def test_adapt_command_one_line_errors_and_json(gallery, tiny_ckpt, tmp_path):
     assert ok.exit_code == 0, ok.output
     doc = json.loads(ok.stdout.strip().splitlines()[-1])
     assert doc["epochs_done"] == 1 and doc["crops"] == 36 and doc["checkpoint"].endswith("last")
-
-
-def test_fast_lstm_training_gives_the_modules_values_and_gradients():
-    from reid.train.stream_cache import fast_lstm_training
-
-    torch.manual_seed(0)
-    for directions in (2, 1):
-        holder = torch.nn.Module()
-        holder.lstm = lstm = build_model(TINY.replace(lstm_directions=directions), pretrained=False).lstm
-        x = torch.randn(3, 5, 3, lstm.d_in, dtype=torch.float64, requires_grad=True)
-        lstm.double()
-        ref = lstm(x)
-        ref_grads = torch.autograd.grad(ref.pow(2).sum(), [x, *lstm.parameters()])
-        with fast_lstm_training(holder):
-            got = lstm(x)
-            grads = torch.autograd.grad(got.pow(2).sum(), [x, *lstm.parameters()])
-        assert torch.equal(got, ref)
-        assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref_grads, strict=True))
-        assert "forward" not in vars(lstm)  # restored

@@ -140,6 +140,20 @@ def test_anti_diagonal_lstm_equals_cell_by_cell_loop(shape, directions):
     assert torch.allclose(fast, reference_spatial_lstm(lstm, x), atol=1e-12)
 
 
+@pytest.mark.parametrize("directions", [2, 1])
+def test_anti_diagonal_lstm_gradients_equal_the_cell_by_cell_loop(directions):
+    # The scan splits its input gates once into the diagonals' blocks (a cheap backward pass); gradients
+    # with respect to the input and every weight are those of the plain loop.
+    torch.manual_seed(0)
+    lstm = SpatialLSTM2d(7, 6, directions=directions).double()
+    with torch.no_grad():
+        lstm.bias.normal_()
+    x = torch.randn(3, 5, 3, 7, dtype=torch.float64, requires_grad=True)
+    grads = torch.autograd.grad(lstm(x).pow(2).sum(), [x, *lstm.parameters()])
+    ref = torch.autograd.grad(reference_spatial_lstm(lstm, x).pow(2).sum(), [x, *lstm.parameters()])
+    assert all(torch.allclose(a, b, atol=1e-12) for a, b in zip(grads, ref, strict=True))
+
+
 def test_lstm_state_flows_from_top_left_and_bottom_right():
     torch.manual_seed(0)
     lstm = SpatialLSTM2d(4, 5, directions=2).double()

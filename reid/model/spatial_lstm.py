@@ -85,19 +85,23 @@ class SpatialLSTM2d(nn.Module):
         xs = torch.stack(seqs).transpose(1, 2).reshape(nd, gh * gw * b, -1)
         gates_x = torch.baddbmm(self.bias.unsqueeze(1), xs, self.weight_x)  # [nd, L*B, 5*d_h]
 
+        # Each diagonal's input gates as one block of a single split: slicing the tensor once per diagonal
+        # instead gave every slice a zero-filled gradient of the whole tensor in the backward pass (~80% of
+        # the LSTM's training time: 13 s of CPU instead of 2.5 s per batch of 64 at 16x8); same values.
+        blocks = gates_x.split([(hi - lo + 1) * b for lo, hi in ranges], dim=1)
         # State of the previous diagonal as [h | c] on its rows lo-1 .. hi+1 (zero rows at both ends).
         state = x.new_zeros(nd, 2, b, 2 * dh)
-        prev_lo, outs, start = 0, [], 0
-        for lo, hi in ranges:
+        prev_lo, outs = 0, []
+        for (lo, hi), gx in zip(ranges, blocks, strict=True):
             n = hi - lo + 1
             up = state[:, lo - prev_lo : hi - prev_lo + 1]  # rows i-1 of the previous diagonal
             left = state[:, lo - prev_lo + 1 : hi - prev_lo + 2]  # rows i (column j-1)
             rec = torch.cat([up[..., :dh], left[..., :dh]], dim=-1).view(nd, n * b, 2 * dh)
-            gates = torch.baddbmm(gates_x[:, start * b : (start + n) * b], rec, self.weight_h)
+            gates = torch.baddbmm(gx, rec, self.weight_h)
             h, c = self.cell(gates.view(nd, n, b, -1), up[..., dh:], left[..., dh:])
             outs.append(h)
             state = F.pad(torch.cat([h, c], dim=-1), (0, 0, 0, 0, 1, 1))
-            prev_lo, start = lo, start + n
+            prev_lo = lo
 
         hs = torch.cat(outs, dim=1)  # [nd, L, B, d_h], diagonal-major
         inverse = torch.empty_like(order_t)

@@ -195,8 +195,7 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
     from reid.model.identity import ModelRef
     from reid.runtime import resolve_device
     from reid.train.pseudo_labels import ProxyMemory, cluster_features
-    from reid.train.stream_cache import (cached_stream_maps, embed_maps, fast_lstm_training, streams_fingerprint,
-                                         tune_allocator)
+    from reid.train.stream_cache import cached_stream_maps, embed_maps, streams_fingerprint, tune_allocator
 
     config = config or AdaptConfig()
     out = Path(out).expanduser()
@@ -242,9 +241,7 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
             rng = np.random.default_rng([config.seed, epoch])
             batches = _batches(clusters.labels, config.batch_p, config.batch_k, rng)
             model.train()
-            with fast_lstm_training(model):  # same values and gradients, a cheaper backward pass
-                losses = _train_epoch(model, maps, memory, optimizer, batches, rng, n, config.views, dev,
-                                      progress, epoch)
+            losses = _train_epoch(model, maps, memory, optimizer, batches, rng, n, config.views, dev, progress, epoch)
             model.eval()
             record.update(loss=round(float(np.mean(losses)), 4), steps=len(batches), proxies=len(memory))
         else:

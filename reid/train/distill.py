@@ -44,8 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid.train.losses import batch_hard_triplet, cross_entropy_label_smooth
-from reid.train.stream_cache import (StreamMaps, cached_stream_maps, concat_maps, embed_maps, fast_lstm_training,
-                                     tune_allocator)
+from reid.train.stream_cache import StreamMaps, cached_stream_maps, concat_maps, embed_maps, tune_allocator
 
 log = logging.getLogger(__name__)
 
@@ -636,9 +635,8 @@ def _stage2(model: nn.Module, cfg: DistillConfig, batches: Batches, classifier: 
         p.requires_grad_(False)
     params = [p for p in model.head_parameters() if p.requires_grad]
     try:
-        with fast_lstm_training(model):
-            return run_stage(lambda fa, fb: model.head_from_streams(fa, fb).features, params, cfg.steps, cfg.lr,
-                             batches, classifier, cfg, model.bnneck, gen, "head")
+        return run_stage(lambda fa, fb: model.head_from_streams(fa, fb).features, params, cfg.steps, cfg.lr,
+                         batches, classifier, cfg, model.bnneck, gen, "head")
     finally:
         for p in frozen:
             p.requires_grad_(True)

@@ -11,17 +11,15 @@ from batches of cached maps through ``AttentionBilinearNet.head_from_streams``. 
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import hashlib
 import json
 import logging
 import os
 import sys
-import types
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import torch
@@ -244,58 +242,6 @@ def embed_maps(model: nn.Module, maps: StreamMaps, *, batch_size: int = 128, fli
     finally:
         model.train(was_training)
     return torch.cat(out).numpy()
-
-
-def _scan_split_once(self, x: torch.Tensor) -> torch.Tensor:
-    """``SpatialLSTM2d.forward`` with its input gates cut into the diagonals' blocks by one ``split``.
-
-    Same operations, same values and gradients (tests/test_distill.py checks both against the module).
-    The module slices its [dirs, L*B, 5*d_h] input gates once per diagonal; autograd then gives every
-    slice a zero-filled gradient of the whole tensor, which made up ~80% of the LSTM's backward pass
-    (2.5 s of CPU instead of 13 s per batch of 64 at 16x8). One split has one gradient: a concatenation.
-    """
-    from reid.model.spatial_lstm import diagonal_plan
-
-    b, gh, gw, _ = x.shape
-    nd, dh = self.directions, self.d_h
-    ranges, order = diagonal_plan(gh, gw)
-    order_t = torch.tensor(order, device=x.device)
-    flat = x.reshape(b, gh * gw, -1)
-    seqs = [flat.index_select(1, order_t)]
-    if nd == 2:
-        seqs.append(flat.flip(1).index_select(1, order_t))
-    xs = torch.stack(seqs).transpose(1, 2).reshape(nd, gh * gw * b, -1)
-    gates_x = torch.baddbmm(self.bias.unsqueeze(1), xs, self.weight_x)
-    blocks = gates_x.split([(hi - lo + 1) * b for lo, hi in ranges], dim=1)
-    state = x.new_zeros(nd, 2, b, 2 * dh)
-    prev_lo, outs = 0, []
-    for (lo, hi), gx in zip(ranges, blocks, strict=True):
-        n = hi - lo + 1
-        up = state[:, lo - prev_lo : hi - prev_lo + 1]
-        left = state[:, lo - prev_lo + 1 : hi - prev_lo + 2]
-        rec = torch.cat([up[..., :dh], left[..., :dh]], dim=-1).view(nd, n * b, 2 * dh)
-        h, c = self.cell(torch.baddbmm(gx, rec, self.weight_h).view(nd, n, b, -1), up[..., dh:], left[..., dh:])
-        outs.append(h)
-        state = F.pad(torch.cat([h, c], dim=-1), (0, 0, 0, 0, 1, 1))
-        prev_lo = lo
-    hs = torch.cat(outs, dim=1)
-    inverse = torch.empty_like(order_t)
-    inverse[order_t] = torch.arange(len(order), device=x.device)
-    hs = hs.index_select(1, inverse).permute(0, 2, 1, 3)
-    hs = torch.cat([hs[0], hs[1].flip(1)], dim=-1) if nd == 2 else hs[0]
-    return hs.reshape(b, gh, gw, nd * dh)
-
-
-@contextlib.contextmanager
-def fast_lstm_training(model: nn.Module) -> Iterator[None]:
-    """Within the block the model's spatial LSTM runs ``_scan_split_once`` (same results, a 5x cheaper
-    backward pass); the module is restored on exit. For head training loops."""
-    lstm = model.lstm
-    lstm.forward = types.MethodType(_scan_split_once, lstm)
-    try:
-        yield
-    finally:
-        del lstm.forward
 
 
 def tune_allocator() -> None:
