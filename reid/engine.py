@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 
 from reid.errors import CheckpointError, InputError
-from reid.images import resize_crop
+from reid.images import resize_crop, to_unit_float
 
 log = logging.getLogger(__name__)
 
@@ -56,8 +56,7 @@ class ExportedEmbedder:
 
     def embed_batch(self, crops: np.ndarray) -> np.ndarray:
         """uint8 crops [B,H,W,3] at ``input_size`` -> float32 [B, D], L2-normalised."""
-        x = np.ascontiguousarray(crops.transpose(0, 3, 1, 2), dtype=np.float32) / np.float32(255.0)
-        out = np.asarray(self._run(x), dtype=np.float32)
+        out = np.asarray(self._run(to_unit_float(crops)), dtype=np.float32)
         return out / np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-12)
 
     def embed_images(self, images: Sequence[np.ndarray], batch_size: int = 32) -> np.ndarray:
@@ -165,10 +164,12 @@ def open_exported(path: str | os.PathLike, fmt: str, *, threads: int | None = No
     path = Path(path)
     if not path.is_file():
         raise CheckpointError(f"exported model {path} does not exist")
-    opener = {"onnx": _open_onnx, "openvino": _open_openvino}.get(fmt)
-    if opener is None:
+    if fmt == "onnx":
+        meta, run = _open_onnx(path, threads, keep_optimized)
+    elif fmt == "openvino":
+        meta, run = _open_openvino(path, threads)
+    else:
         raise InputError(f"unknown export format {fmt!r}; expected one of: {', '.join(FILES)}")
-    meta, run = _open_onnx(path, threads, keep_optimized) if fmt == "onnx" else opener(path, threads)
     embedder = ExportedEmbedder(path, fmt, run, meta)
     if fingerprint is not None and embedder.fingerprint != fingerprint:
         raise CheckpointError(f"exported model {path} is the model {embedder.fingerprint}, not {fingerprint}; an "
@@ -193,8 +194,12 @@ def ensure_exported(model, fingerprint: str, fmt: str = "onnx", *, threads: int 
     """The export of ``model`` (torch, whose fingerprint is ``fingerprint``) from the cache, built and checked
     against torch first when it is missing or unusable."""
     found = cached_embedder(fingerprint, fmt, threads=threads)
-    if found is not None:
-        return found
+    return found if found is not None else build_export(model, fingerprint, fmt, threads=threads)
+
+
+def build_export(model, fingerprint: str, fmt: str = "onnx", *, threads: int | None = None) -> ExportedEmbedder:
+    """Export ``model`` into the cache slot of ``fingerprint`` (replacing what is there), checked against torch,
+    and open it: for callers that found the slot missing or unusable (``cached_embedder`` returned None)."""
     from reid.model.export import export_onnx, export_openvino
 
     onnx_file = export_path(fingerprint, "onnx")

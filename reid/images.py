@@ -101,8 +101,10 @@ def resize_crop(img: np.ndarray, size: tuple[int, int] = (256, 128)) -> np.ndarr
 
 
 def to_unit_float(img: np.ndarray) -> np.ndarray:
-    """uint8 HxWx3 -> float32 3xHxW in [0, 1] (the numbers ``reid.embed.to_model_input`` gives the model)."""
-    return np.ascontiguousarray(img.transpose(2, 0, 1), dtype=np.float32) / np.float32(255.0)
+    """uint8 HxWx3 -> float32 3xHxW in [0, 1] (the numbers ``reid.embed.to_model_input`` gives the model);
+    a batch BxHxWx3 -> Bx3xHxW."""
+    axes = (2, 0, 1) if img.ndim == 3 else (0, 3, 1, 2)
+    return np.ascontiguousarray(img.transpose(axes), dtype=np.float32) / np.float32(255.0)
 
 
 def preprocess(img: np.ndarray, size: tuple[int, int] = (256, 128)) -> np.ndarray:

@@ -119,7 +119,7 @@ class Searcher:
             exported = engine.cached_embedder(built_with.fingerprint, fmt)
             if exported is None:
                 model, ref = _load_torch(built_with, gallery.location, "cpu")
-                exported = engine.ensure_exported(model, ref.fingerprint, fmt)
+                exported = engine.build_export(model, ref.fingerprint, fmt)
             return cls(gallery, exported, None)
         model, _ = _load_torch(built_with, gallery.location, device)
         return cls(gallery, model, next(model.parameters()).device)
