@@ -284,11 +284,21 @@ def _render_index_report(report, as_json: bool) -> None:
 
 @command("index")
 def index_cmd(
-    gallery: Path = typer.Argument(..., help="Folder of crops (searched recursively: jpg, jpeg, png, bmp, webp)."),
+    gallery: Path = typer.Argument(..., help="Folder of crops and videos (searched recursively: jpg, jpeg, png, bmp, "
+                                   "webp; mp4, avi, mkv, mov, ...), or one video or crop file."),
     index: Path = _index_option(),
     weights: Path | None = typer.Option(
         None, "--weights",
         help="Checkpoint (folder or .pt). Default: the index's model; the pretrained model for a new index."),
+    camera: str | None = typer.Option(None, "--camera", help="Camera name for the videos (default: a Market-style "
+                                      "name's camera, else the video's folder name)."),
+    stride: int = typer.Option(1, "--stride", min=1, help="Process every n-th video frame."),
+    frames: bool | None = typer.Option(None, "--frames/--crops", help="Image folders hold full camera frames to "
+                                       "find people in, or crops (default: frames when the images are landscape "
+                                       "and at least 480 pixels wide)."),
+    detector: str = typer.Option("ssdlite", "--detector", help="Person detector for videos."),
+    det_score: float = typer.Option(0.6, "--det-score", min=0.01, max=1.0, help="Detector score a person needs."),
+    min_height: float = typer.Option(32.0, "--min-height", min=0, help="Ignore people shorter than this (pixels)."),
     batch_size: int = typer.Option(32, "--batch-size", min=1),
     workers: int | None = _workers_option("Decoding processes"),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
@@ -301,16 +311,27 @@ def index_cmd(
     runtime: RuntimeName = _runtime_option(),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
-    """Embed every new or changed crop of GALLERY into the index (incremental, resumable)."""
+    """Embed every new or changed crop of GALLERY, and the people in its videos, into the index (incremental,
+    resumable: a killed run goes on where it stopped)."""
     from reid.console import embedding_progress
-    from reid.index import build_index
+    from reid.index import FootageOptions, build_index
 
+    footage = FootageOptions(detector=detector, score_threshold=det_score, min_height=min_height, stride=stride,
+                             camera=camera, frames=frames)
     with embedding_progress(err) as bar:
-        task = bar.add_task("embed", total=None)
+        tasks: dict[str, int] = {}
+
+        def progress(kind: str, done: int, total: int) -> None:
+            if kind not in tasks:
+                tasks[kind] = bar.add_task("embedding" if kind == "crops" else "video", total=None,
+                                           unit="img" if kind == "crops" else "frames")
+            bar.update(tasks[kind], completed=done, total=total)
+
         report = build_index(gallery, index, weights=None if weights is None else str(weights), batch_size=batch_size,
                              workers=workers, device=device.value, kind=kind and kind.value, prune=prune,
-                             rebuild=rebuild, wait=wait, runtime=runtime.value,
-                             progress=lambda done, total: bar.update(task, completed=done, total=total))
+                             rebuild=rebuild, wait=wait, runtime=runtime.value, footage=footage,
+                             progress=lambda done, total: progress("crops", done, total),
+                             frame_progress=lambda done, total: progress("frames", done, total))
     _render_index_report(report, as_json)
 
 
@@ -326,21 +347,31 @@ def query_cmd(
                               "embedding (multi-shot query)."),
     other_cameras: bool = typer.Option(False, "--other-cameras", help="Leave out gallery crops from the query's own "
                                        "camera (read from a Market-style name, e.g. 0002_c1s1_...)."),
+    since: str | None = typer.Option(None, "--since", help="Only matches seen at or after this time (ISO 8601, "
+                                     "e.g. 2026-12-01T14:30; UTC unless it names a zone)."),
+    until: str | None = typer.Option(None, "--until", help="Only matches seen at or before this time."),
+    camera: list[str] | None = typer.Option(None, "--camera", help="Only matches from this camera (repeatable)."),
+    per_track: bool | None = typer.Option(None, "--per-track/--per-row", help="One answer per tracklet, its best "
+                                          "crop and time span (default for matches from video), or every row."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     runtime: RuntimeName = _runtime_option(),
 ) -> None:
-    """Rank the indexed gallery for each query crop (same model as the index, checked by fingerprint)."""
+    """Rank the indexed gallery for each query crop (same model as the index, checked by fingerprint): who,
+    where and when."""
     import json
 
     from reid.console import print_matches
-    from reid.search import query_images
+    from reid.search import parse_time, query_images
+    from reid.store import Filter
 
     if save is not None:
         from reid.viz import check_picture_path
 
         check_picture_path(save)
+    where = Filter(since=parse_time(since, "--since"), until=parse_time(until, "--until"),
+                   camera_names=camera or None)
     results = query_images(images, index, top=top, min_score=min_score, device=device.value, runtime=runtime.value,
-                           fuse=fuse, other_cameras=other_cameras)
+                           fuse=fuse, other_cameras=other_cameras, where=where, per_track=per_track)
     for r in results:
         if as_json:
             typer.echo(json.dumps(r.to_dict()))

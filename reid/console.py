@@ -65,17 +65,19 @@ def model_table(info: dict[str, Any]) -> Table:
 
 
 def embedding_progress(console: Console) -> Progress:
-    """A progress bar: images done / to embed, images per second, time left (terminals only: nothing in logs)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TimeRemainingColumn
+    """Progress bars: done / to do, items per second, time left (terminals only: nothing in logs). Each task
+    is described by its name; its ``unit`` field (default ``img``) names what it counts."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
     from rich.text import Text
 
     class Rate(ProgressColumn):
         def render(self, task) -> Text:
             speed = task.finished_speed or task.speed
-            return Text(f"{speed:6.1f} img/s" if speed else "     - img/s")
+            unit = task.fields.get("unit", "img")
+            return Text(f"{speed:6.1f} {unit}/s" if speed else f"     - {unit}/s")
 
-    return Progress("embedding", BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(), console=console,
-                    transient=True, disable=not console.is_terminal)
+    return Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), Rate(), TimeRemainingColumn(),
+                    console=console, transient=True, disable=not console.is_terminal)
 
 
 def print_index_report(console: Console, report) -> None:
@@ -85,12 +87,35 @@ def print_index_report(console: Console, report) -> None:
     console.print(", ".join(f"{name} {n}" for name, n in counts)
                   + f" — {report.rows} rows in the index ({report.seconds:.1f} s"
                   + (f", {report.embedded / report.embed_seconds:.1f} img/s" if report.embed_seconds else "") + ")")
+    if report.videos or report.videos_unchanged:
+        console.print(f"footage: {report.videos} videos read ({report.videos_resumed} resumed), "
+                      f"{report.videos_unchanged} unchanged; {report.frames} frames, {report.people} people "
+                      f"in {report.tracklets} tracklets")
+    for path in report.no_people:
+        console.print(f"  [yellow]no people found[/] in {path}", soft_wrap=True)
     for path, reason in report.failed:
         console.print(f"  [red]failed[/] {path}: {reason}", soft_wrap=True)
 
 
+def _when(m) -> str:
+    from reid.search import format_time
+
+    if m.span is not None and m.span.rows > 1:
+        first, last = format_time(m.span.first_time), format_time(m.span.last_time)
+        return f"{first} - {last[11:] if last[:10] == first[:10] else last}"
+    return format_time(m.time)
+
+
+def _where(m) -> str:
+    """Frame(s) and box of a footage match; the video is in the path column."""
+    frames = f"{m.span.first_frame}-{m.span.last_frame}" if m.span is not None and m.span.rows > 1 else str(m.frame)
+    x1, y1, x2, y2 = m.box or (0, 0, 0, 0)
+    return f"frame {frames}, box {x1},{y1},{x2},{y2}" + (f", track {m.track}" if m.track is not None else "")
+
+
 def print_matches(console: Console, result) -> None:
-    """``reid query``: one table per query (a ``reid.search.QueryResult``), true matches in green."""
+    """``reid query``: one table per query (a ``reid.search.QueryResult``), true matches in green; matches
+    from footage add when (a tracklet's time span) and where (frames, box, tracklet) they were seen."""
 
     def known(v: object) -> str:
         return "-" if v is None else str(v)
@@ -98,21 +123,27 @@ def print_matches(console: Console, result) -> None:
     title = f"{len(result.crops)} crops of one person: {', '.join(result.crops)}" if result.crops else result.query
     if result.pid is not None:
         title += f"  (identity {result.pid}" + (f", camera {result.camid})" if result.camid is not None else ")")
+    footage = any(m.media is not None for m in result.matches)
     table = Table(title=title, title_justify="left")
     table.add_column("rank", justify="right")
     table.add_column("score", justify="right")
     table.add_column("camera", justify="right")
-    table.add_column("identity", justify="right")
+    if footage:
+        table.add_column("seen (UTC)")
+        table.add_column("where")
+    else:
+        table.add_column("identity", justify="right")
     table.add_column("path", overflow="fold")
     # Paths relative to the matches' common folder keep each on one line (JSON keeps them absolute).
-    paths = [m.path for m in result.matches]
+    paths = [m.media or m.path for m in result.matches]
     common = os.path.dirname(paths[0]) if len(paths) == 1 else os.path.commonpath(paths) if paths else ""
     if len(common) > 1:
         paths = [os.path.relpath(p, common) for p in paths]
     for m, path in zip(result.matches, paths, strict=True):
         same = result.pid is not None and result.pid > 0 and m.pid == result.pid
-        table.add_row(str(m.rank), f"{m.score:.4f}", known(m.camid), known(m.pid), path,
-                      style="green" if same else None)
+        camera = m.camera if m.camera is not None else known(m.camid)
+        middle = [_when(m), _where(m) if m.media else "-"] if footage else [known(m.pid)]
+        table.add_row(str(m.rank), f"{m.score:.4f}", camera, *middle, path, style="green" if same else None)
     if not result.matches:
         table.caption = "no match above --min-score"
     console.print(table)

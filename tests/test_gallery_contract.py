@@ -18,7 +18,7 @@ import pytest
 
 from reid.errors import EmptyGalleryError, GalleryNotFoundError, ModelMismatchError, StoreError
 from reid.model.identity import ModelRef
-from reid.store import FileState, Filter, Gallery, Hit, Record, open_gallery
+from reid.store import FileState, Filter, Gallery, Hit, MediaState, Record, Tracklet, open_gallery
 
 DIM = 16
 MODEL = ModelRef("default", "fp-contract", DIM)
@@ -48,7 +48,7 @@ def row(i: int) -> Record:
     blank = i % 10 == 9
     source = "/g1" if i < N // 2 else "/g2"
     return Record(f"{source}/{i:03d}.jpg", f"sha-{i}", 100 + i, 10**9 + i, i % 7, None if blank else 1 + i % 3,
-                  source, time=None if blank else 1000.0 + i)
+                  source, time=None if blank else 1000.0 + i, camera=None if blank else f"c{1 + i % 3}")
 
 
 ROWS = [row(i) for i in range(N)]
@@ -76,7 +76,8 @@ def allows(f: Filter, r: Record) -> bool:
             and (f.sources is None or r.source in f.sources)
             and (f.pids is None or r.pid in f.pids)
             and (f.since is None or (r.time is not None and r.time >= f.since))
-            and (f.until is None or (r.time is not None and r.time <= f.until)))
+            and (f.until is None or (r.time is not None and r.time <= f.until))
+            and (f.camera_names is None or r.camera in f.camera_names))
 
 
 NO_FILTER = Filter()  # frozen; a module-level default rather than a call in the signature (B008)
@@ -152,6 +153,7 @@ FILTERS = {
     "until": Filter(until=1012.5),
     "time range": Filter(since=1010.0, until=1030.0),
     "identity": Filter(pids={3}),
+    "camera names": Filter(camera_names={"c2", "c9"}),
     "identities, other cameras": Filter(pids={3, 5}, cameras_excluded={1}),
     "everything at once": Filter(cameras_excluded={3}, sources={"/g1", "/g2"}, since=1001, until=1050, pids={0, 1, 2}),
     "nothing passes": Filter(cameras=set()),
@@ -251,3 +253,35 @@ def test_filters_are_values():
     assert Filter().is_empty and not a.is_empty
     assert Filter(cameras_excluded={1}).only_excludes and not a.only_excludes
     assert a.excluding_cameras([4]).cameras_excluded == {1, 2, 4}
+
+
+VIDEO = "/footage/lobby.avi"
+
+
+def seen(frame: int, person: int, track: int) -> Record:
+    """Person ``person`` of frame ``frame`` of VIDEO (10 fps from t=5000), on tracklet ``track``."""
+    return Record(f"{VIDEO}#frame={frame}&person={person}", "sha-video", 4096, 7, None, None, VIDEO,
+                  time=5000.0 + frame / 10, camera="lobby", media=VIDEO, frame=frame,
+                  box=(10 * person, 20, 10 * person + 40, 120), score=0.5 + person / 10, track=track)
+
+
+def test_footage_rows_progress_and_tracklets(gallery):
+    people = [seen(f, p, 1 + p) for f in range(0, 20, 2) for p in range(2)]
+    gallery.add(people, unit(np.random.default_rng(2), len(people)))
+    gallery.add(ROWS[:3], VECTORS[:3])
+    state = MediaState(VIDEO, "sha-video", 4096, 7, "lobby", 10.0, 20, 640, 480, 5000.0, next_frame=20, next_track=3,
+                       people=len(people), done=True)
+    gallery.save_media(state)
+    assert gallery.media_states() == {VIDEO: state}
+    stored = {r.path: r for r in gallery.get(range(1, 100)).values()}
+    assert stored[people[5].path] == people[5]  # every provenance field comes back
+    assert people[5].tracklet == (VIDEO, people[5].track) and ROWS[0].tracklet is None
+    assert VIDEO not in gallery.states() and set(gallery.states()) == {r.path for r in ROWS[:3]}  # crop files only
+    assert gallery.embeddings_by_sha(["sha-video"]) == {}  # a crop of a video is not a copy of a file
+    assert gallery.count(Filter(camera_names={"lobby"})) == len(people)
+    spans = gallery.tracklets([(VIDEO, 1), (VIDEO, 2), (VIDEO, 99)])
+    assert spans == {(VIDEO, 1): Tracklet(5000.0, 5001.8, 0, 18, 10), (VIDEO, 2): Tracklet(5000.0, 5001.8, 0, 18, 10)}
+    # Resume: the rows from frame 10 on go (they were stored after the last progress mark), the rest stay.
+    assert gallery.remove_media(VIDEO, 10) == 10 and gallery.count() == 13
+    assert gallery.media_states() == {VIDEO: state}
+    assert gallery.remove_media(VIDEO) == 10 and gallery.media_states() == {} and gallery.count() == 3

@@ -384,16 +384,20 @@ def test_a_version_1_catalogue_is_upgraded_on_open(tmp_path, caplog):
     old.save(root / VECTORS_NAME)
 
     with caplog.at_level(logging.WARNING), GalleryStore.open(root) as g:  # a reader upgrades it too
-        assert "from schema 1 to 2" in caplog.text
-        assert g.info()["schema_version"] == 2 and g.verify().state == "fresh"  # same rows: vectors.faiss stays
-        assert [r.time for r in g.get(range(1, 7)).values()] == [1_700_000_000.0 + 60 * i for i in range(6)]
+        assert "from schema 1 to 3" in caplog.text
+        assert g.info()["schema_version"] == 3 and g.verify().state == "fresh"  # same rows: vectors.faiss stays
+        records = list(g.get(range(1, 7)).values())
+        assert [r.time for r in records] == [1_700_000_000.0 + 60 * i for i in range(6)]
+        assert [r.camera for r in records] == [f"c{1 + i % 2}" for i in range(6)]  # v3: the camera by name
+        assert g.count(Filter(camera_names={"c2"})) == 3 and g.media_states() == {}
+        assert all(r.media is None and r.box is None and r.tracklet is None for r in records)
         since = Filter(since=1_700_000_000 + 150)
         assert g.count(since) == 3
         assert sorted(h.id for h in g.search(vecs[:1], 6, since)[0]) == [4, 5, 6]
     con = sqlite3.connect(root / "catalogue.sqlite")
     indexes = {r[0] for r in con.execute("SELECT name FROM sqlite_master WHERE type = 'index'")}
     con.close()
-    assert {"images_camid", "images_pid", "images_source", "images_time"} <= indexes
+    assert {"images_camid", "images_pid", "images_source", "images_time", "images_camera", "images_footage"} <= indexes
     caplog.clear()
     GalleryStore.open(root).close()
     assert "upgrading" not in caplog.text  # once

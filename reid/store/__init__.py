@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 
 from reid.errors import StoreError
-from reid.store.base import FileState, Filter, Gallery, Hit, Record, SyncState
+from reid.store.base import FileState, Filter, Gallery, Hit, MediaState, Record, SyncState, Tracklet
 from reid.store.catalogue import id_digest
 from reid.store.local import CATALOGUE_NAME, VECTORS_NAME, GalleryStore
 from reid.store.lock import WriterLock
@@ -39,5 +39,6 @@ def open_gallery(location: str | os.PathLike, *, write: bool = False, wait: floa
 
 __all__ = [
     "CATALOGUE_NAME", "DEFAULT_INDEX", "KINDS", "VECTORS_NAME", "FileState", "Filter", "Gallery", "GalleryStore",
-    "Hit", "Record", "SyncState", "VectorIndex", "WriterLock", "id_digest", "open_gallery", "resolve_kind",
+    "Hit", "MediaState", "Record", "SyncState", "Tracklet", "VectorIndex", "WriterLock", "id_digest", "open_gallery",
+    "resolve_kind",
 ]

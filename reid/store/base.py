@@ -31,7 +31,8 @@ class Filter:
     - ``cameras_excluded``: leave out rows of these cameras (rows without a camera stay in);
     - ``cameras``, ``sources``, ``pids``: only rows whose camera / source / identity is one of these
       (rows without the value are left out);
-    - ``since``, ``until``: only rows whose ``time`` (seconds since the epoch) lies in ``[since, until]``.
+    - ``since``, ``until``: only rows whose ``time`` (seconds since the epoch) lies in ``[since, until]``;
+    - ``camera_names``: only rows whose camera name (``Record.camera``) is one of these.
 
     Sets may be given as any iterable; they are stored as frozensets, so filters are hashable and a
     batch of queries can be grouped by filter.
@@ -43,10 +44,11 @@ class Filter:
     since: float | None = None
     until: float | None = None
     pids: frozenset[int] | None = None
+    camera_names: frozenset[str] | None = None
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "cameras_excluded", frozenset(self.cameras_excluded or ()))
-        for name in ("cameras", "sources", "pids"):
+        for name in ("cameras", "sources", "pids", "camera_names"):
             object.__setattr__(self, name, _frozen(getattr(self, name)))
 
     @property
@@ -75,6 +77,12 @@ class Record:
     ``source`` is the gallery root it was indexed from; ``time`` (seconds since the epoch) is when
     the crop was taken (for a crop file: its mtime). New provenance fields get defaults, so existing
     callers keep working.
+
+    A person found in footage also has its ``camera`` name, the ``media`` (video or full frame) it was
+    cut from, its ``frame`` number there, its ``box`` (x1, y1, x2, y2 in frame pixels, x2/y2
+    exclusive), the detector's ``score`` and its ``track`` (tracklet id, unique within its ``source``:
+    the video, or the folder of full frames); ``path`` is then ``MEDIA#frame=N&person=K`` and
+    ``sha256``/``bytes``/``mtime`` are the media's.
     """
 
     path: str
@@ -85,6 +93,17 @@ class Record:
     camid: int | None
     source: str
     time: float | None = None
+    camera: str | None = None
+    media: str | None = None
+    frame: int | None = None
+    box: tuple[int, int, int, int] | None = None
+    score: float | None = None
+    track: int | None = None
+
+    @property
+    def tracklet(self) -> tuple[str, int] | None:
+        """(source, track) for a person found in footage: the key that groups one walk's rows."""
+        return None if self.media is None or self.track is None else (self.source, self.track)
 
 
 RECORD_FIELDS = tuple(f.name for f in fields(Record))
@@ -98,6 +117,39 @@ class FileState:
     sha256: str
     bytes: int
     mtime: int
+
+
+@dataclass(frozen=True)
+class MediaState:
+    """How far indexing got through one video (or full-frame image): enough to skip it when it is done,
+    resume it after a kill, and restart it when its content changed."""
+
+    path: str
+    sha256: str
+    bytes: int
+    mtime: int
+    camera: str | None
+    fps: float | None
+    frames: int | None
+    width: int | None
+    height: int | None
+    start: float | None  # time of frame 0, seconds since the epoch
+    next_frame: int = 0  # every frame before this one is processed and its people stored
+    next_track: int = 1  # tracklet id a resumed run numbers on from
+    people: int = 0  # detections stored so far
+    done: bool = False
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class Tracklet:
+    """The span of one tracklet (the rows of one ``(source, track)``): first and last time and frame, rows."""
+
+    first_time: float | None
+    last_time: float | None
+    first_frame: int
+    last_frame: int
+    rows: int
 
 
 @dataclass(frozen=True)
@@ -211,6 +263,23 @@ class Gallery(Protocol):
 
     def touch(self, stats: Sequence[tuple[str, int, int]]) -> None:
         """Record new (path, bytes, mtime) of files whose content is unchanged."""
+        ...
+
+    def tracklets(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Tracklet]:
+        """(source, track) -> the tracklet's span, for the keys that have rows."""
+        ...
+
+    def media_states(self) -> dict[str, MediaState]:
+        """path -> progress of every video (or full frame) indexing has started on."""
+        ...
+
+    def save_media(self, state: MediaState) -> None:
+        """Record a video's progress (replacing its previous state)."""
+        ...
+
+    def remove_media(self, path: str, from_frame: int = 0) -> int:
+        """Delete the rows found in the video (or frames folder) ``path`` at frame ``from_frame`` or later
+        (all of them, and its progress, for 0); returns how many rows went."""
         ...
 
     def sync(self) -> SyncState:

@@ -20,13 +20,29 @@ from collections.abc import Iterable, Iterator, Sequence
 import numpy as np
 
 from reid.errors import StoreError
-from reid.store.base import FileState, Filter, Record
+from reid.store.base import FileState, Filter, MediaState, Record, Tracklet
 from reid.store.schema import now, prepare
 
 log = logging.getLogger(__name__)
 
 _MASK64 = (1 << 64) - 1
-_RECORD_COLUMNS = "path, sha256, bytes, mtime, pid, camid, source, time"
+_RECORD_COLUMNS = ("path, sha256, bytes, mtime, pid, camid, source, time, camera, media, frame, x1, y1, x2, y2, "
+                   "score, track")
+_MEDIA_COLUMNS = ("path, sha256, bytes, mtime, camera, fps, frames, width, height, start, next_frame, next_track, "
+                  "people, done, error")
+
+
+def _row_values(r: Record) -> tuple:
+    box = r.box if r.box is not None else (None,) * 4
+    return (r.path, r.sha256, r.bytes, r.mtime, r.pid, r.camid, r.source, r.time, r.camera, r.media, r.frame,
+            *box, r.score, r.track)
+
+
+def _record(row: Sequence) -> Record:
+    """A Record from the values of ``_RECORD_COLUMNS``."""
+    x1, y1, x2, y2 = row[11:15]
+    box = None if x1 is None else (x1, y1, x2, y2)
+    return Record(*row[:11], box=box, score=row[15], track=row[16])
 
 
 def id_digest(ids: np.ndarray | Sequence[int]) -> int:
@@ -49,7 +65,8 @@ def filter_sql(where: Filter) -> tuple[str, list]:
     """``where`` as an SQL condition on ``images`` and its parameters ("1" for no filter)."""
     clauses: list[str] = []
     args: list = []
-    for column, values in (("camid", where.cameras), ("source", where.sources), ("pid", where.pids)):
+    for column, values in (("camid", where.cameras), ("source", where.sources), ("pid", where.pids),
+                           ("camera", where.camera_names)):
         if values is not None:
             sql, a = _in(column, values)
             clauses.append(sql)
@@ -160,12 +177,13 @@ class Catalogue:
         return ids, dropped
 
     def states(self, under: str | None = None) -> dict[str, FileState]:
-        """path -> FileState for every row (or for rows whose path lies under the folder ``under``)."""
-        sql = "SELECT path, id, sha256, bytes, mtime FROM images"
+        """path -> FileState for every crop-file row (or for those whose path lies under the folder ``under``);
+        rows cut from footage are the ``media`` table's business."""
+        sql = "SELECT path, id, sha256, bytes, mtime FROM images WHERE media IS NULL"
         args: tuple = ()
         if under is not None:
             prefix = under.rstrip("/") + "/"
-            sql += " WHERE substr(path, 1, ?) = ?"
+            sql += " AND substr(path, 1, ?) = ?"
             args = (len(prefix), prefix)
         return {p: FileState(i, s, b, m) for p, i, s, b, m in self.conn.execute(sql, args)}
 
@@ -175,7 +193,7 @@ class Catalogue:
         shas = list(dict.fromkeys(shas))
         for s in range(0, len(shas), 500):
             chunk = shas[s : s + 500]
-            q = f"SELECT sha256, embedding FROM images WHERE sha256 IN ({','.join('?' * len(chunk))})"
+            q = f"SELECT sha256, embedding FROM images WHERE media IS NULL AND sha256 IN ({','.join('?' * len(chunk))})"
             found.update(self.conn.execute(q, chunk).fetchall())
         return found
 
@@ -195,8 +213,8 @@ class Catalogue:
                     c.execute("DELETE FROM images WHERE id = ?", old)
                     removed.append(old[0])
                 cur = c.execute(
-                    f"INSERT INTO images({_RECORD_COLUMNS}, added_at, embedding) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (r.path, r.sha256, r.bytes, r.mtime, r.pid, r.camid, r.source, r.time, stamp, v.tobytes()),
+                    f"INSERT INTO images({_RECORD_COLUMNS}, added_at, embedding) VALUES ({', '.join('?' * 19)})",
+                    (*_row_values(r), stamp, v.tobytes()),
                 )
                 added.append(cur.lastrowid)
             self._bump(added, removed)
@@ -227,6 +245,7 @@ class Catalogue:
         """Drop every row and set new meta (a rebuild with another model), in one transaction."""
         with self.write() as c:
             c.execute("DELETE FROM images")
+            c.execute("DELETE FROM media")
             self.set_many({**meta, "rows": "0", "id_digest": "0", "updated_at": now()})
 
     def ids(self) -> np.ndarray:
@@ -272,5 +291,41 @@ class Catalogue:
         for s in range(0, len(ids), 500):
             part = ids[s : s + 500]
             q = f"SELECT id, {_RECORD_COLUMNS} FROM images WHERE id IN ({','.join('?' * len(part))})"
-            found.update({r[0]: Record(*r[1:]) for r in self.conn.execute(q, part)})
+            found.update({r[0]: _record(r[1:]) for r in self.conn.execute(q, part)})
         return found
+
+    def tracklets(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Tracklet]:
+        """(source, track) -> span, one indexed lookup per key (a query asks for a page of them)."""
+        found = {}
+        for source, track in dict.fromkeys(keys):
+            row = self.conn.execute("SELECT min(time), max(time), min(frame), max(frame), count(*) FROM images "
+                                    "WHERE source = ? AND track = ?", (source, track)).fetchone()
+            if row[4]:
+                found[(source, track)] = Tracklet(*row)
+        return found
+
+    # --- media (footage progress) -----------------------------------------------------------
+
+    def media_states(self) -> dict[str, MediaState]:
+        """path -> MediaState of every video or frame indexing has started on."""
+        rows = self.conn.execute(f"SELECT {_MEDIA_COLUMNS} FROM media").fetchall()
+        return {r[0]: MediaState(*r[:13], done=bool(r[13]), error=r[14]) for r in rows}
+
+    def save_media(self, m: MediaState) -> None:
+        """Insert or replace one media row."""
+        with self.write() as c:
+            c.execute(f"INSERT OR REPLACE INTO media({_MEDIA_COLUMNS}, updated_at) VALUES ({', '.join('?' * 16)})",
+                      (m.path, m.sha256, m.bytes, m.mtime, m.camera, m.fps, m.frames, m.width, m.height, m.start,
+                       m.next_frame, m.next_track, m.people, int(m.done), m.error, now()))
+
+    def remove_media(self, path: str, from_frame: int = 0) -> list[int]:
+        """Delete the footage rows indexed from ``path`` (a video, or a folder of frames) at frame ``from_frame``
+        or later (and, for 0, its media row); returns the ids removed."""
+        with self.write() as c:
+            removed = [r[0] for r in c.execute("DELETE FROM images WHERE source = ? AND media IS NOT NULL AND "
+                                               "frame >= ? RETURNING id", (path, from_frame))]
+            if from_frame <= 0:
+                c.execute("DELETE FROM media WHERE path = ?", (path,))
+            if removed:
+                self._bump([], removed)
+        return removed

@@ -23,7 +23,7 @@ from collections.abc import Iterable, Sequence
 import numpy as np
 
 from reid.errors import EmptyGalleryError, GalleryNotFoundError, ModelMismatchError, StoreError
-from reid.store.base import FileState, Filter, Hit, Record, SyncState, group_by_filter, per_query
+from reid.store.base import FileState, Filter, Hit, MediaState, Record, SyncState, Tracklet, group_by_filter, per_query
 from reid.store.catalogue import Catalogue
 from reid.store.lock import WriterLock
 from reid.store.vectors import KINDS, VectorIndex, resolve_kind
@@ -171,6 +171,27 @@ class GalleryStore:
         self._need_writer()
         self._vectors, self._changed = None, True
         return len(self._catalogue.remove(paths))
+
+    def tracklets(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Tracklet]:
+        """(media, track) -> the tracklet's span, for the keys that have rows."""
+        return self._catalogue.tracklets(keys)
+
+    def media_states(self) -> dict[str, MediaState]:
+        """path -> progress of every video (or full frame) indexing has started on."""
+        return self._catalogue.media_states()
+
+    def save_media(self, state: MediaState) -> None:
+        """Record a video's progress (replacing its previous state)."""
+        self._need_writer()
+        self._catalogue.save_media(state)
+
+    def remove_media(self, path: str, from_frame: int = 0) -> int:
+        """Delete the rows cut from ``path`` at ``from_frame`` or later (and its progress, for 0)."""
+        self._need_writer()
+        removed = self._catalogue.remove_media(path, from_frame)
+        if removed:
+            self._vectors, self._changed = None, True
+        return len(removed)
 
     def get(self, ids: Iterable[int]) -> dict[int, Record]:
         """id -> Record for the ids that exist."""
