@@ -621,7 +621,9 @@ def train_cmd(
 
 @command("adapt")
 def adapt_cmd(
-    gallery: Path = typer.Argument(..., help="Folder of unlabeled pedestrian crops from your own cameras."),
+    gallery: Path = typer.Argument(..., help="Folder of unlabeled pedestrian crops from your own cameras, or an "
+                                   "index (its crops and the people it found in footage; a tracklet's crops are "
+                                   "kept in one cluster)."),
     out_dir: Path = typer.Option(..., "--out", help="Run folder: the adapted checkpoint is OUT/last."),
     weights: Path | None = typer.Option(None, "--weights", help="Start from this checkpoint [the default model]."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs of re-clustering + training [12]."),

@@ -11,6 +11,8 @@ trained or tuned on it. Every row is measured in the same run on the same crops:
   seeded head       ``build_model(trained_head=False)``: the head before ``reid.train.distill`` fitted it
   default model     ``reid.model.build_model()`` embeddings through ``reid.embed.embed_paths``
   + reid adapt      ``reid.train.adapt`` from the default on the table's own crops, labels hidden
+  + adapt on index  (``--footage-adapt``) the analyst's way: ``reid index vtest.avi`` (detector, tracker),
+                    then ``reid adapt`` on that index: every person it found, each tracklet one cluster
   + reid train      (synthetic table) ``reid.train.train`` with labels, default recipe
 
 Two protocols, one table: (A) each query track against its own later crops and those of every track on
@@ -28,7 +30,7 @@ A second table does the same on a synthetic Market-1501 (``reid.synthetic``, a w
 on them with the labels.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_quality.py [--data DIR] [--stride N] [--adapt-epochs N]
-        [--synthetic-ids N] [--train-epochs N] [--skip-vtest]
+        [--synthetic-ids N] [--train-epochs N] [--skip-vtest] [--footage-adapt]
 """
 
 from __future__ import annotations
@@ -136,6 +138,19 @@ def adapt_to(folder: Path, out: Path, epochs: int, camera_aware: bool) -> torch.
     return load_checkpoint(result.checkpoint)
 
 
+def adapt_on_index(data: Path, video: Path, epochs: int) -> torch.nn.Module:
+    """``reid index VIDEO --stride 2`` into ``data/footage-index`` (kept), then ``reid adapt`` on that index:
+    the people the detector and tracker found, a tracklet's crops one cluster (must-links)."""
+    from reid.index import FootageOptions, build_index
+
+    index = data / "footage-index"
+    t = time.perf_counter()
+    report = build_index(video, index, device="cpu", footage=FootageOptions(stride=2))
+    print(f"reid index {video.name} --stride 2: {report.people} people in {report.tracklets} tracklets "
+          f"({report.videos_unchanged} video(s) already indexed), {time.perf_counter() - t:.0f} s")
+    return adapt_to(index, data / f"adapt-index-{epochs}", epochs, camera_aware=False)
+
+
 def evaluate_cooccurring(qf: np.ndarray, gf: np.ndarray, ts: TrackletSet, max_rank: int = 10) -> dict:
     """Each query track against its own gallery crops and those of the tracks on screen with it (certain
     negatives, ``TrackletSet.cooccurring``); mAP / CMC over all queries."""
@@ -237,6 +252,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "reid-bench" / "synthetic",
                         help="folder of the synthetic table's data and runs (reused; default %(default)s)")
     parser.add_argument("--skip-vtest", action="store_true", help="only the synthetic table")
+    parser.add_argument("--footage-adapt", action="store_true",
+                        help="also a row adapted on `reid index vtest.avi --stride 2` (tracklets as must-links)")
     args = parser.parse_args(argv)
     torch.set_num_threads(2)
     torch.set_flush_denormal(True)
@@ -270,6 +287,9 @@ def vtest_table(args: argparse.Namespace, model: torch.nn.Module) -> None:
     extra = [(f"default + reid adapt ({args.adapt_epochs} ep, no labels)",
               adapt_to(ts.root, Path(args.data) / "adapt-run", args.adapt_epochs, camera_aware=False))
              ] if args.adapt_epochs else []
+    if args.footage_adapt and args.adapt_epochs:
+        extra.append((f"default + adapt on its index ({args.adapt_epochs} ep)",
+                      adapt_on_index(Path(args.data), Path(s["video"]), args.adapt_epochs)))
     results = evaluate(ts, model, extra)
     co, al = results[0]["co"], results[0]["all"]
     print(f"\nA: each query track against the tracks on screen with it (certain negatives; {co['valid']} queries, "

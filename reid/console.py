@@ -153,8 +153,11 @@ def print_matches(console: Console, result) -> None:
 
 def info_table(info: dict[str, Any]) -> Table:
     """``reid info`` (from ``GalleryStore.info``)."""
+    footage = info.get("footage") or {}
     return _facts(f"index {info['index']}", [
         ("rows", str(info["rows"])),
+        *([("footage", f"{footage['people']} people from {footage['sources']} videos / frame folders "
+                       f"({footage['sources'] - footage['done']} unfinished)")] if footage.get("sources") else []),
         ("dimension", str(info["dim"])),
         ("kind", f"{info['kind']} ({info['vector_kind']})"),
         ("vectors.faiss", info["vectors"]),

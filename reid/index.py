@@ -201,7 +201,7 @@ class FootageOptions:
     camera: str | None = None  # camera name for every video; default: from the file's name or folder
     frames: bool | None = None  # image folders hold full frames (True), crops (False), or look (None)
     max_age: int = 30  # processed frames a lost tracklet may be picked up again
-    max_cosine_distance: float = 0.3  # appearance gate of the tracker (1 - cosine of the embeddings)
+    max_cosine_distance: float = 0.4  # appearance gate of the tracker (1 - cosine); bench_video.py chose it
 
     def __post_init__(self) -> None:
         if self.stride < 1:

@@ -294,3 +294,35 @@ def test_a_folder_of_full_frames_is_read_like_a_video(tmp_path, ckpt, truth_dete
     # With --crops the same images are crops: embedded whole, no detector.
     crops = index(tmp_path / "g", tmp_path / "idx2", ckpt, "--crops")
     assert (crops["added"], crops["frames"], len(crops["failed"])) == (14, 0, 1)
+
+
+def test_adapt_learns_from_an_index_of_footage_with_tracklets_as_must_links(tmp_path, ckpt, truth_detector,
+                                                                            monkeypatch):
+    from reid.train import pseudo_labels
+    from reid.train.adapt import AdaptConfig, adapt
+
+    video = tmp_path / "g" / "lobby" / NAME
+    make_video(video, truth_detector, frames=16)
+    (tmp_path / "g" / "lobby" / "0001_c1s1_000001_00.jpg").write_bytes(cv2.imencode(".jpg", np.full(
+        (64, 32, 3), 90, np.uint8))[1].tobytes())  # a crop file beside the video: adapted on too
+    idx = tmp_path / "idx"
+    report = index(tmp_path / "g", idx, ckpt)
+    seen = {}
+    real = pseudo_labels.cluster_features
+
+    def spy(features, **options):
+        seen["tracklets"] = options["tracklets"]
+        seen["n"] = len(features)
+        return real(features, **options)
+
+    monkeypatch.setattr(pseudo_labels, "cluster_features", spy)
+    config = AdaptConfig(epochs=1, batch_p=4, batch_k=2, views=2, k1=4, k2=2, min_samples=2, eps=0.7)
+    start = save_checkpoint(build_model(SMALL), tmp_path / "imagenet")  # real stream maps (random ones underflow)
+    result = adapt(idx, tmp_path / "run", weights=start, config=config, device="cpu")
+    assert result.crops == seen["n"] == report["rows"] and result.failed == []
+    tracklets = seen["tracklets"]
+    assert (tracklets == -1).sum() == 1  # the crop file belongs to no tracklet
+    assert len(set(tracklets[tracklets >= 0].tolist())) == report["tracklets"]
+    from reid.model import load_checkpoint
+
+    assert load_checkpoint(result.checkpoint).config == SMALL

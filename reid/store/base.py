@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field, fields, replace
 from typing import TYPE_CHECKING, Protocol, runtime_checkable
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -251,6 +251,10 @@ class Gallery(Protocol):
 
     def count(self, where: Filter | None = None) -> int:
         """Number of rows (that ``where`` lets through)."""
+        ...
+
+    def scan(self, where: Filter | None = None) -> Iterator[tuple[int, Record]]:
+        """(id, Record) of every row (that ``where`` lets through), in id order."""
         ...
 
     def states(self, under: str | None = None) -> dict[str, FileState]:

@@ -294,6 +294,18 @@ class Catalogue:
             found.update({r[0]: _record(r[1:]) for r in self.conn.execute(q, part)})
         return found
 
+    def scan(self, where: Filter | None = None, chunk: int = 4096) -> Iterator[tuple[int, Record]]:
+        """(id, Record) of every row ``where`` lets through, in id order, read in chunks."""
+        sql, args = filter_sql(where or Filter())
+        last = -1
+        while True:
+            rows = self.conn.execute(f"SELECT id, {_RECORD_COLUMNS} FROM images WHERE id > ? AND {sql} "
+                                     f"ORDER BY id LIMIT ?", (last, *args, chunk)).fetchall()
+            if not rows:
+                return
+            last = rows[-1][0]
+            yield from ((r[0], _record(r[1:])) for r in rows)
+
     def tracklets(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Tracklet]:
         """(source, track) -> span, one indexed lookup per key (a query asks for a page of them)."""
         found = {}

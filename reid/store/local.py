@@ -18,7 +18,7 @@ import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 
 import numpy as np
 
@@ -171,6 +171,10 @@ class GalleryStore:
         self._need_writer()
         self._vectors, self._changed = None, True
         return len(self._catalogue.remove(paths))
+
+    def scan(self, where: Filter | None = None) -> Iterator[tuple[int, Record]]:
+        """(id, Record) of every row (that ``where`` lets through), in id order."""
+        return self._catalogue.scan(where)
 
     def tracklets(self, keys: Iterable[tuple[str, int]]) -> dict[tuple[str, int], Tracklet]:
         """(media, track) -> the tracklet's span, for the keys that have rows."""
@@ -383,6 +387,7 @@ class GalleryStore:
         rows = int(meta.get("rows", 0))
         state = self.verify()
         size = sum(p.stat().st_size for p in self._root.iterdir() if p.is_file())
+        media = self._catalogue.media_states()
         return {
             "index": str(self._root),
             "rows": rows,
@@ -397,4 +402,6 @@ class GalleryStore:
             "created_at": meta.get("created_at"),
             "updated_at": meta.get("updated_at"),
             "schema_version": int(meta.get("schema_version", 0)),
+            "footage": {"sources": len(media), "done": sum(m.done for m in media.values()),
+                        "people": sum(m.people for m in media.values())},
         }

@@ -1,4 +1,6 @@
-"""``reid adapt``: unsupervised adaptation of the network to a user's own cameras, from unlabeled crops.
+"""``reid adapt``: unsupervised adaptation of the network to a user's own cameras, from unlabeled crops
+(a folder of crop files, or an index: its crop files and the people it found in footage, cut again from
+their frames, each tracklet's crops must-linked into one cluster).
 
 Cluster contrast on frozen streams: the two CNN streams run once per crop and view (a clean view and
 a few augmented ones; ``reid.train.stream_cache``), so each epoch trains only the head (bilinear,
@@ -77,6 +79,82 @@ class AdaptResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
+@dataclass
+class _Crops:
+    """What adaptation learns from: one key (file path, or footage row path), crop, camera and tracklet each."""
+
+    paths: list[str]
+    crops: list[np.ndarray]
+    failed: list[tuple[str, str]]
+    cameras: np.ndarray | None = None  # int per crop, or None when not every crop names one
+    tracklets: np.ndarray | None = None  # int per crop, -1 for a crop outside any tracklet
+    digest: str = ""  # what the crops are, for the stream-map cache
+
+
+def _is_index(gallery: Path) -> bool:
+    from reid.store import CATALOGUE_NAME
+
+    return (gallery / CATALOGUE_NAME).is_file()
+
+
+def _cut_from_video(media: str, records: list, slots: list[int], crops: list) -> list[tuple[str, str]]:
+    """Cut the people ``records`` of one video from its frames (one decoding pass) into ``crops[slots]``;
+    returns the rows that could not be cut, with the reason."""
+    from reid.errors import ReidError
+    from reid.sources.video import FrameReader, probe
+
+    wanted: dict[int, list[tuple[int, object]]] = {}
+    for slot, r in zip(slots, records, strict=True):
+        wanted.setdefault(r.frame, []).append((slot, r))
+    try:
+        for frame in FrameReader(media, probe(media), 0.0):
+            for slot, r in wanted.pop(frame.index, []):
+                x1, y1, x2, y2 = r.box
+                crops[slot] = frame.image[y1:y2, x1:x2]
+            if not wanted:
+                break
+    except ReidError as e:
+        return [(r.path, str(e)) for left in wanted.values() for _, r in left]
+    return [(r.path, f"{media}: frame {r.frame} is no longer there") for left in wanted.values() for _, r in left]
+
+
+def _load_index(index: Path) -> _Crops:
+    """The rows of an index: crop files decoded, footage rows cut from their frames (one pass per video)."""
+    from reid.errors import ReidError
+    from reid.images import decode_image
+    from reid.store import open_gallery
+
+    with open_gallery(index) as g:
+        records = [r for _, r in g.scan()]
+    if not records:
+        raise InputError(f"{index}: the index holds no rows to adapt to")
+    by_video: dict[str, list[int]] = {}
+    crops: list[np.ndarray | None] = [None] * len(records)
+    failed: list[tuple[str, str]] = []
+    for i, r in enumerate(records):
+        if r.media is not None and r.media == r.source:  # a person in a video: cut in one pass per video below
+            by_video.setdefault(r.media, []).append(i)
+            continue
+        try:  # a crop file, or a person in a frame file
+            img = decode_image(r.media or r.path)
+            crops[i] = img if r.box is None else img[r.box[1] : r.box[3], r.box[0] : r.box[2]]
+        except ReidError as e:
+            failed.append((r.path, str(e)))
+    for media, rows in by_video.items():
+        failed += _cut_from_video(media, [records[i] for i in rows], rows, crops)
+    keep = [i for i, c in enumerate(crops) if c is not None and c.size]
+    if len(keep) < 2:
+        raise InputError(f"{index}: {len(keep)} usable crop(s) of {len(records)} rows; adapting needs at least 2")
+    records = [records[i] for i in keep]
+    names = {name: k for k, name in enumerate(sorted({r.camera for r in records if r.camera is not None}))}
+    cameras = None if any(r.camera is None for r in records) else np.array([names[r.camera] for r in records])
+    keys = {t: k for k, t in enumerate(dict.fromkeys(r.tracklet for r in records if r.tracklet is not None))}
+    tracklets = np.array([keys[r.tracklet] if r.tracklet is not None else -1 for r in records], np.int64)
+    digest = hashlib.sha256(json.dumps([[r.path, r.sha256] for r in records]).encode()).hexdigest()
+    return _Crops([r.path for r in records], [crops[i] for i in keep], failed, cameras,
+                  tracklets if (tracklets >= 0).any() else None, digest)
+
+
 def _load_crops(gallery: str | os.PathLike) -> tuple[list[str], list[np.ndarray], list[tuple[str, str]]]:
     """Decode every image under ``gallery``: (paths, crops, failures as (path, reason))."""
     from reid.images import decode_image, find_images
@@ -117,12 +195,21 @@ def _view(crop: np.ndarray, view: int, seed: int, size: tuple[int, int]) -> np.n
     return np.ascontiguousarray((np.clip(x, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8).transpose(1, 2, 0))
 
 
-def _data_key(paths: list[str], config: AdaptConfig, streams: str) -> str:
-    h = hashlib.sha256(json.dumps([paths, config.views, config.seed, streams]).encode())
-    for p in paths:
-        st = os.stat(p)
-        h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
+def _data_key(data: _Crops, config: AdaptConfig, streams: str) -> str:
+    h = hashlib.sha256(json.dumps([data.paths, config.views, config.seed, streams, data.digest]).encode())
+    if not data.digest:  # crop files: their sizes and times say whether they changed
+        for p in data.paths:
+            st = os.stat(p)
+            h.update(f"{st.st_size}:{st.st_mtime_ns}".encode())
     return h.hexdigest()[:16]
+
+
+def _load(gallery: Path) -> _Crops:
+    """The crops of a folder (cameras from Market-style names) or of an index (cameras by name, tracklets)."""
+    if gallery.is_dir() and _is_index(gallery):
+        return _load_index(gallery)
+    paths, crops, failed = _load_crops(gallery)
+    return _Crops(paths, crops, failed, _cameras(paths))
 
 
 def _batches(labels: np.ndarray, p: int, k: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -199,12 +286,13 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
 
     config = config or AdaptConfig()
     out = Path(out).expanduser()
-    paths, crops, failed = _load_crops(gallery)
+    data = _load(Path(gallery).expanduser())
+    crops, failed = data.crops, data.failed
     for _, reason in failed:
         log.warning("skipped %s", reason)
     dev = resolve_device(device)
     model, start_ref = ModelRef.load(weights, dev)
-    crops_key = _data_key(paths, config, streams_fingerprint(model))  # what the cached stream maps hold
+    crops_key = _data_key(data, config, streams_fingerprint(model))  # what the cached stream maps hold
     run = _Run(out, config, f"{crops_key}-{start_ref.fingerprint}")
     state = run.resume_state()
     if state is not None:
@@ -216,7 +304,7 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
     maps = cached_stream_maps(
         model, lambda i: _view(crops[i % n], i // n, config.seed, size), n * config.views, folder=out / "cache",
         key=crops_key, device=dev, progress=(lambda d, t: progress("streams", d, t)) if progress else None)
-    cameras = _cameras(paths) if config.camera_aware else None
+    cameras = data.cameras if config.camera_aware else None
     params = [p for p in model.head_parameters() if p.requires_grad]
     optimizer = torch.optim.Adam(params, lr=config.lr, weight_decay=config.weight_decay)
     start, records = 0, []
@@ -230,7 +318,7 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
         t0 = time.perf_counter()
         feats = embed_maps(model, clean)
         clusters = cluster_features(feats, eps=config.eps, rho=config.rho, min_samples=config.min_samples,
-                                    k1=config.k1, k2=config.k2)
+                                    k1=config.k1, k2=config.k2, tracklets=data.tracklets)
         record: dict[str, Any] = {"epoch": epoch + 1, "clusters": clusters.num_clusters,
                                   "outliers": clusters.num_outliers, "eps": round(clusters.eps, 4),
                                   "loss": None, "steps": 0,
