@@ -469,6 +469,9 @@ def evaluate_cmd(
     save_features: Path | None = typer.Option(None, "--save-features", help="Write features, ids and paths (.npz)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Neither read nor write the feature cache."),
     seed: int = typer.Option(0, "--seed", min=0, help="Seed of CUHK03 classic sampling and of the --ranks queries."),
+    runtime: RuntimeName = typer.Option(RuntimeName.torch, "--runtime",
+                                        help="Embedding runtime: torch (the reference numbers), or the model's "
+                                             "checked export on onnx / openvino (auto: onnx on a CPU)."),
 ) -> None:
     """Mean AP, CMC and mINP of a model on a dataset's standard protocol."""
     import json
@@ -488,7 +491,7 @@ def evaluate_cmd(
         raise InputError("--attention draws on the --ranks picture; add --ranks FILE")
     options = ev_mod.EvalOptions(variant=variant, protocol=protocol, split=split, flip=flip, batch_size=batch_size,
                                  workers=workers, device=device.value, use_cache=not no_cache,
-                                 scoring=ScoreOptions(rerank=rerank, ap=ap, seed=seed))
+                                 scoring=ScoreOptions(rerank=rerank, ap=ap, seed=seed), runtime=runtime.value)
     with embedding_progress(err) as bar:
         task = bar.add_task("embed", total=None)
         ev = ev_mod.evaluate(dataset, root, options, weights=weights,
@@ -627,8 +630,10 @@ def adapt_cmd(
     out_dir: Path = typer.Option(..., "--out", help="Run folder: the adapted checkpoint is OUT/last."),
     weights: Path | None = typer.Option(None, "--weights", help="Start from this checkpoint [the default model]."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs of re-clustering + training [12]."),
-    eps: float | None = typer.Option(None, "--eps", help="DBSCAN radius on Jaccard distances [0.6]."),
-    min_samples: int | None = typer.Option(None, "--min-samples", min=1, help="Crops that make a cluster [4]."),
+    eps: float | None = typer.Option(None, "--eps", help="DBSCAN radius on Jaccard distances [0.6 from 5,000 crops, "
+                                     "0.5 below]."),
+    min_samples: int | None = typer.Option(None, "--min-samples", min=1, help="Crops that make a cluster [4 from "
+                                           "5,000 crops, 2 below]."),
     views: int | None = typer.Option(None, "--views", min=1, help="Cached views per crop, the clean one included [4]."),
     camera_aware: bool | None = typer.Option(
         None, "--camera-aware/--no-camera-aware",

@@ -219,7 +219,7 @@ def synthetic_market(work: Path, model: torch.nn.Module, *, ids: int, adapt_epoc
     if adapt_epochs:
         train_dir = Path(ds.train[0].path).parent
         extra.append((f"default + reid adapt ({adapt_epochs} ep, no labels)",
-                      adapt_to(train_dir, work / f"adapt-{ids}-{adapt_epochs}", adapt_epochs, camera_aware=True)))
+                      adapt_to(train_dir, work / f"adapt-v2-{ids}-{adapt_epochs}", adapt_epochs, camera_aware=True)))
     if train_epochs:
         t = time.perf_counter()
         run = work / f"train-{ids}-{train_epochs}"
@@ -285,7 +285,7 @@ def vtest_table(args: argparse.Namespace, model: torch.nn.Module) -> None:
           f"(first build {s['build_s']} s)")
     # One real camera: the query/gallery split is not a camera change, so no camera-aware proxies.
     extra = [(f"default + reid adapt ({args.adapt_epochs} ep, no labels)",
-              adapt_to(ts.root, Path(args.data) / "adapt-run", args.adapt_epochs, camera_aware=False))
+              adapt_to(ts.root, Path(args.data) / "adapt-run-v2", args.adapt_epochs, camera_aware=False))
              ] if args.adapt_epochs else []
     if args.footage_adapt and args.adapt_epochs:
         extra.append((f"default + adapt on its index ({args.adapt_epochs} ep)",

@@ -141,3 +141,14 @@ def test_adapt_command_one_line_errors_and_json(gallery, tiny_ckpt, tmp_path):
     assert ok.exit_code == 0, ok.output
     doc = json.loads(ok.stdout.strip().splitlines()[-1])
     assert doc["epochs_done"] == 1 and doc["crops"] == 36 and doc["checkpoint"].endswith("last")
+
+
+def test_clustering_settings_follow_the_gallery_size_unless_set():
+    from reid.train.adapt import LARGE_GALLERY, clustering
+
+    small, large = clustering(AdaptConfig(), 300), clustering(AdaptConfig(), LARGE_GALLERY)
+    assert (small["eps"], small["k1"], small["min_samples"]) == (0.5, 10, 2)
+    assert (large["eps"], large["k1"], large["min_samples"]) == (0.6, 30, 4)
+    mine = clustering(AdaptConfig(eps=0.45, k1=7, min_samples=3), 300)
+    assert (mine["eps"], mine["k1"], mine["min_samples"]) == (0.45, 7, 3)
+    assert clustering(AdaptConfig(auto_eps=True), 300)["eps"] is None  # the rho rule, in cluster_features

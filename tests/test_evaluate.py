@@ -318,3 +318,13 @@ def test_an_interrupted_embedding_resumes_where_it_stopped(market, cache, tmp_pa
     rows, ref = table.rows(whole.paths), whole.rows(whole.paths)
     assert (rows >= 0).all() and np.allclose(table.features[rows], whole.features[ref], atol=1e-6)
     assert fc.embed_files(model, files, fingerprint=fp, batch_size=4, workers=0)[1] == "hit"
+
+
+def test_runtime_onnx_gives_torchs_numbers_in_its_own_cache_entry(market, tmp_path):
+    path = save_checkpoint(build_model(TINY), tmp_path / "imagenet")  # ImageNet streams: an export worth checking
+    torch_rep = run_json("market1501", "--root", market, "--weights", path, *FAST)
+    onnx_rep = run_json("market1501", "--root", market, "--weights", path, *FAST, "--runtime", "onnx")
+    assert onnx_rep["cache"] == "miss"  # not torch's features from the cache
+    assert onnx_rep["mAP"] == pytest.approx(torch_rep["mAP"], abs=0.02)
+    assert onnx_rep["cmc"][0] == pytest.approx(torch_rep["cmc"][0], abs=0.05)
+    assert run_json("market1501", "--root", market, "--weights", path, *FAST, "--runtime", "onnx")["cache"] == "hit"

@@ -45,6 +45,7 @@ class EvalOptions:
     device: str = "auto"
     use_cache: bool = True
     scoring: ScoreOptions = field(default_factory=ScoreOptions)
+    runtime: str = "torch"  # torch (the reference numbers), or the model's export: onnx, openvino, auto
 
     def __post_init__(self) -> None:
         if self.batch_size < 1 or (self.workers is not None and self.workers < 0):
@@ -126,9 +127,16 @@ def embed(model, fingerprint: str, datasets: list[tuple[int | None, Dataset]], o
     """Features of every query and gallery file of ``datasets`` (each file once, through the cache)."""
     from reid.runtime import resolve_device
 
+    from reid import engine
+
     paths = [str(s.path) for _, d in datasets for s in (*d.query, *d.gallery)]
+    device = options.device
+    if not engine.wants_torch(options.runtime, device):
+        fmt = engine.exported_runtime(options.runtime)
+        model, device = engine.ensure_exported(model, fingerprint, fmt), "cpu"
+        fingerprint = f"{fingerprint}+{fmt}"  # its features agree with torch's to 1e-4, not bit for bit: own entries
     return embed_files(model, paths, fingerprint=fingerprint, flip=options.flip, batch_size=options.batch_size,
-                       workers=options.workers, device=resolve_device(options.device), use_cache=options.use_cache,
+                       workers=options.workers, device=resolve_device(device), use_cache=options.use_cache,
                        progress=progress)
 
 
@@ -203,7 +211,9 @@ def evaluate(
 ) -> Evaluation:
     """Evaluate a model (``model``, or loaded from ``weights``) on a dataset's standard protocol.
 
-    embed -> score -> report; ``progress(done, total)`` follows the embedding.
+    embed -> score -> report; ``progress(done, total)`` follows the embedding. ``options.runtime`` other than
+    torch embeds with the model's checked export (``reid.engine``); the torch model stays the evaluation's
+    model (rank pictures, attention).
     """
     from reid.model.identity import ModelRef
 

@@ -47,10 +47,14 @@ class AdaptConfig:
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
     views: int = 4  # cached views per crop: the clean one and views - 1 augmented ones
-    eps: float | None = 0.6  # DBSCAN radius; None: from each epoch's distances (pseudo_labels.auto_eps)
-    rho: float = 1.6e-3  # with eps None: the share of closest pairs whose mean distance is the radius
-    min_samples: int = 4
-    k1: int = 30
+    # DBSCAN over k-reciprocal Jaccard distances. None: by gallery size (``clustering``): the Cluster Contrast
+    # settings (radius 0.6, k1 30, 4 samples) from LARGE_GALLERY crops on; below it, where they put everyone in
+    # one cluster, radius 0.5, k1 10, 2 samples.
+    eps: float | None = None  # the radius
+    auto_eps: bool = False  # instead: the mean distance of the closest share ``rho`` of pairs, each epoch
+    rho: float = 1.6e-3
+    min_samples: int | None = None
+    k1: int | None = None
     k2: int = 6
     temperature: float = 0.05
     momentum: float = 0.2
@@ -59,7 +63,7 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_p", "batch_k", "views", "min_samples", "k1", "k2"):
-            if int(getattr(self, name)) < 1:
+            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
                 raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.eps is not None and not 0.0 < self.eps < 1.0:
             raise InputError(f"`eps` must be within (0, 1), got {self.eps}")
@@ -77,6 +81,23 @@ class AdaptResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     epochs_done: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
+
+
+LARGE_GALLERY = 5000
+
+
+def clustering(config: AdaptConfig, n: int) -> dict[str, Any]:
+    """The ``cluster_features`` options for ``n`` crops: the config's, with its unset ones by gallery size.
+
+    Measured on two held-out synthetic sets (322 crops of 40 identities; 1,208 of 101) with the default
+    model, adjusted Rand index of the pseudo-labels (outliers as singletons): 0.00 / 0.00 with the Market
+    settings (radius 0.6, k1 30, 4 samples: one cluster, or a few huge ones), 0.25 / 0.14 with radius 0.5,
+    k1 10, 2 samples; on Market-size galleries the paper's settings are kept.
+    """
+    large = n >= LARGE_GALLERY
+    eps = None if config.auto_eps else config.eps if config.eps is not None else (0.6 if large else 0.5)
+    return {"eps": eps, "rho": config.rho, "k1": config.k1 or (30 if large else 10),
+            "min_samples": config.min_samples or (4 if large else 2), "k2": config.k2}
 
 
 @dataclass
@@ -196,7 +217,8 @@ def _view(crop: np.ndarray, view: int, seed: int, size: tuple[int, int]) -> np.n
 
 
 def _data_key(data: _Crops, config: AdaptConfig, streams: str) -> str:
-    h = hashlib.sha256(json.dumps([data.paths, config.views, config.seed, streams, data.digest]).encode())
+    h = hashlib.sha256(json.dumps([data.paths, config.views, config.seed, streams, *([data.digest] if data.digest
+                                                                                      else [])]).encode())
     if not data.digest:  # crop files: their sizes and times say whether they changed
         for p in data.paths:
             st = os.stat(p)
@@ -317,8 +339,7 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         feats = embed_maps(model, clean)
-        clusters = cluster_features(feats, eps=config.eps, rho=config.rho, min_samples=config.min_samples,
-                                    k1=config.k1, k2=config.k2, tracklets=data.tracklets)
+        clusters = cluster_features(feats, **clustering(config, n), tracklets=data.tracklets)
         record: dict[str, Any] = {"epoch": epoch + 1, "clusters": clusters.num_clusters,
                                   "outliers": clusters.num_outliers, "eps": round(clusters.eps, 4),
                                   "loss": None, "steps": 0,
