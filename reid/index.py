@@ -384,8 +384,14 @@ def index_footage(gallery: Gallery, model, videos: list[Path], *, folders: dict[
         if progress is not None:
             progress(done, max(total, done))
 
+    from reid.errors import ReidError
+
     for state, frames, listing in jobs:
-        state = _read(gallery, state, frames, detector, embed, options, batch_size, report, advance, listing)
+        try:
+            state = _read(gallery, state, frames, detector, embed, options, batch_size, report, advance, listing)
+        except ReidError as e:  # e.g. the file went away meanwhile: its progress so far is kept for the next run
+            report.failed.append((state.path, _reason(state.path, str(e))))
+            continue
         if listing is None:
             report.videos += 1
         else:

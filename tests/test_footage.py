@@ -326,3 +326,25 @@ def test_adapt_learns_from_an_index_of_footage_with_tracklets_as_must_links(tmp_
     from reid.model import load_checkpoint
 
     assert load_checkpoint(result.checkpoint).config == SMALL
+
+
+def test_a_video_that_breaks_while_read_is_reported_and_the_others_go_on(tmp_path, ckpt, truth_detector,
+                                                                         monkeypatch):
+    from reid.sources import video as video_mod
+
+    folder = tmp_path / "g"
+    make_video(folder / "a.avi", truth_detector, frames=6)
+    make_video(folder / "b.avi", truth_detector, size=(256, 160), frames=6, seed=2)
+    real = video_mod.FrameReader.__iter__
+
+    def gone(self):
+        if self.path.name == "a.avi":
+            raise video_mod.VideoError(f"{self.path}: no such video file")
+        yield from real(self)
+
+    monkeypatch.setattr(video_mod.FrameReader, "__iter__", gone)
+    report = index(folder, tmp_path / "idx", ckpt)
+    assert [Path(f["path"]).name for f in report["failed"]] == ["a.avi"] and report["videos"] == 1
+    monkeypatch.setattr(video_mod.FrameReader, "__iter__", real)
+    again = index(folder, tmp_path / "idx", ckpt)  # its progress was kept: read now, the other one skipped
+    assert (again["videos"], again["videos_unchanged"], again["failed"]) == (1, 1, [])
