@@ -27,3 +27,25 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not has_cuda and not (on_cpu and item.module.__name__.endswith("test_gpu")):
             item.add_marker(skip_gpu)
+
+
+# --- Milvus: one real server per session (tests/milvus_server.py), started on first use -------------------------
+
+
+@pytest.fixture(scope="session")
+def milvus_server(tmp_path_factory):
+    """The session's Milvus standalone server (loopback, free ports); skips when the milvus package is missing."""
+    import milvus_server as ms
+
+    reason = ms.available()
+    if reason:
+        pytest.skip(reason)
+    return ms.shared(tmp_path_factory.mktemp("milvus-server"))
+
+
+def pytest_sessionfinish(session, exitstatus):
+    import sys
+
+    ms = sys.modules.get("milvus_server")
+    if ms is not None:
+        ms.stop_shared()

@@ -29,7 +29,17 @@ def _local(tmp_path) -> str:
     return str(tmp_path / "gallery")
 
 
-BACKENDS = [pytest.param(_local, id="local")]
+def _milvus(tmp_path) -> str:
+    """A new collection on the session's Milvus server (tests/milvus_server.py), which starts on first use."""
+    import milvus_server
+
+    reason = milvus_server.available()
+    if reason:
+        pytest.skip(reason)
+    return milvus_server.location(tmp_path.name)
+
+
+BACKENDS = [pytest.param(_local, id="local"), pytest.param(_milvus, id="milvus")]
 
 
 @pytest.fixture(params=BACKENDS)

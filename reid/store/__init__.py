@@ -1,8 +1,8 @@
 """Gallery persistence: the ``Gallery`` protocol and its backends, opened from a location string.
 
 ``open_gallery("indexes/default")`` opens the embedded SQLite + FAISS store in that folder
-(``reid.store.local``); a ``scheme://`` location will pick another backend. Callers use only the
-protocol's methods (``reid.store.base.Gallery``): add, remove, search with filters, get, count,
+(``reid.store.local``); ``milvus://HOST:PORT/COLLECTION`` opens a Milvus collection (``reid.store.milvus``).
+Callers use only the protocol's methods (``reid.store.base.Gallery``): add, remove, search with filters, get, count,
 file states, the model it was built with, sync / verify, info.
 """
 
@@ -22,7 +22,8 @@ DEFAULT_INDEX = "indexes/default"
 
 def open_gallery(location: str | os.PathLike, *, write: bool = False, wait: float = 0.0,
                  prefetch: bool = False) -> Gallery:
-    """Open the gallery at ``location``: a folder (or ``file://`` + folder) is the embedded store.
+    """Open the gallery at ``location``: a folder (or ``file://`` + folder) is the embedded store,
+    ``milvus://HOST:PORT/COLLECTION`` a Milvus collection (``reid.store.milvus``; pymilvus is imported only then).
 
     ``write`` creates it if needed and takes its writer lock, waiting up to ``wait`` seconds for
     another writer; ``prefetch`` (read-only) starts loading its vectors in the background, to overlap
@@ -32,6 +33,10 @@ def open_gallery(location: str | os.PathLike, *, write: bool = False, wait: floa
     scheme, sep, rest = text.partition("://")
     if sep and scheme == "file":
         text = rest
+    elif sep and scheme == "milvus":
+        from reid.store.milvus import MilvusGallery
+
+        return MilvusGallery.open(text, write=write, wait=wait, prefetch=prefetch)
     elif sep and scheme.isidentifier():
         raise StoreError(f"no gallery backend for {scheme}:// locations here; a folder is the embedded store")
     return GalleryStore.open(text, write=write, wait=wait, prefetch=prefetch)

@@ -1,0 +1,252 @@
+"""Milvus-specific behaviour of ``reid.store.milvus`` (the shared behaviour is in test_gallery_contract.py).
+
+Server tests run on the session's real Milvus 2.3.5 standalone server (tests/milvus_server.py, loopback only);
+they are skipped when the ``milvus`` package is not installed.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from reid.errors import GalleryBusyError, GalleryNotFoundError, StoreError
+from reid.model.identity import ModelRef
+from reid.store import Filter, MediaState, Record, open_gallery
+
+pytest.importorskip("pymilvus", reason="pymilvus is not installed (pip install '.[milvus]')")
+
+from reid.store.milvus import NULL_INT, MilvusLocation, filter_expr  # noqa: E402
+
+DIM = 8
+MODEL = ModelRef("default", "fp-milvus", DIM)
+
+
+def unit(n: int, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).standard_normal((n, DIM)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def crop(i: int) -> Record:
+    return Record(f"/g/{i:03d}.jpg", f"sha-{i}", 10 + i, 10**9 + i, i % 5, 1 + i % 2, "/g", time=100.0 + i,
+                  camera=f"c{1 + i % 2}")
+
+
+@pytest.fixture
+def location(milvus_server, request) -> str:
+    import milvus_server as ms
+
+    return ms.location(request.node.name)
+
+
+# --- no server needed ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("text", ["milvus://", "milvus://host/coll", "milvus://host:port/coll", "milvus://host:19530",
+                                  "milvus://host:19530/", "milvus://host:19530/1abc", "milvus://host:19530/a-b",
+                                  "milvus://host:99999/coll", "milvus://host:19530/coll/extra",
+                                  "milvus://host:19530/coll?x=1", "milvus://host:19530/reid_meta"])
+def test_bad_locations_are_one_line_store_errors(text):
+    with pytest.raises(StoreError, match="Milvus location") as e:
+        open_gallery(text)
+    assert "\n" not in str(e.value)
+
+
+def test_credentials_in_the_location_are_refused_without_echoing_them():
+    with pytest.raises(StoreError, match="REID_MILVUS_TOKEN") as e:
+        open_gallery("milvus://root:hunter2-secret@127.0.0.1:19530/coll")
+    assert "hunter2" not in str(e.value)
+
+
+def test_locations_parse():
+    assert MilvusLocation.parse("milvus://127.0.0.1:19530/gallery_1") == MilvusLocation("127.0.0.1", 19530, "gallery_1")
+    assert str(MilvusLocation.parse("milvus://[::1]:1/_g")) == "milvus://[::1]:1/_g"
+
+
+def test_filters_become_expressions():
+    assert filter_expr(None) == "" and filter_expr(Filter()) == ""
+    assert filter_expr(Filter(cameras=set())) is None and filter_expr(Filter(camera_names={""})) is None
+    assert filter_expr(Filter(cameras_excluded={2, 1})) == "camid not in [1, 2]"
+    assert filter_expr(Filter(sources={'/a "b"'}, since=1, until=2.5)) == (
+        'source in ["/a \\"b\\""] and time >= 1.0 and time <= 2.5')
+
+
+def test_a_local_gallery_does_not_import_pymilvus(tmp_path):
+    script = (f"import sys; from reid.store import open_gallery; g = open_gallery({str(tmp_path / 'g')!r}, "
+              "write=True); g.close(); assert 'pymilvus' not in sys.modules and 'reid.store.milvus' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def test_an_unreachable_server_is_one_line_without_the_secret(monkeypatch):
+    import milvus_server as ms
+
+    [port] = ms.free_ports(1)
+    monkeypatch.setenv("REID_MILVUS_TOKEN", "tok-Secret-4242")
+    monkeypatch.setenv("REID_MILVUS_TIMEOUT", "2")
+    with pytest.raises(StoreError) as e:
+        open_gallery(f"milvus://127.0.0.1:{port}/nothing")
+    text = str(e.value)
+    assert f"milvus://127.0.0.1:{port}/nothing" in text and "\n" not in text and "Secret-4242" not in text
+
+
+# --- on the session's server ----------------------------------------------------------------
+
+
+def test_a_wrong_password_is_one_line_without_the_secret(milvus_server, monkeypatch):
+    monkeypatch.setenv("REID_MILVUS_PASSWORD", "wrong-Secret-777")
+    loc = f"milvus://127.0.0.1:{milvus_server.port}/whatever"
+    with pytest.raises(StoreError) as e:
+        open_gallery(loc, write=True)
+    text = str(e.value)
+    assert loc in text and "\n" not in text and "Secret-777" not in text
+
+
+def test_read_only_opens_refuse_writes_and_missing_collections(location):
+    with pytest.raises(GalleryNotFoundError):
+        open_gallery(location)
+    with open_gallery(location, write=True) as g:
+        g.bind(MODEL)
+        g.add([crop(0)], unit(1))
+    state = MediaState("/v.avi", "s", 1, 1, None, None, None, None, None, None)
+    with open_gallery(location) as reader:
+        assert reader.count() == 1
+        for write in (lambda: reader.add([crop(1)], unit(1)), lambda: reader.remove([crop(0).path]),
+                      lambda: reader.bind(MODEL), lambda: reader.touch([(crop(0).path, 1, 1)]),
+                      lambda: reader.save_media(state), lambda: reader.remove_media("/v.avi")):
+            with pytest.raises(StoreError, match="read-only"):
+                write()
+
+
+def test_a_second_writer_is_refused_while_the_first_holds_the_lease(location):
+    with open_gallery(location, write=True) as g:
+        with pytest.raises(GalleryBusyError, match="being written by process"):
+            open_gallery(location, write=True)
+        g.bind(MODEL)
+    with open_gallery(location, write=True) as g:  # released on close
+        assert g.built_with() == MODEL
+
+
+def test_deleted_rows_never_come_back(location):
+    vectors = unit(20, 3)
+    with open_gallery(location, write=True) as g:
+        g.bind(MODEL)
+        g.add([crop(i) for i in range(20)], vectors)
+        for i in range(0, 20, 2):
+            assert g.remove([crop(i).path]) == 1
+            hits = g.search(vectors[i : i + 1], 20)[0]
+            assert crop(i).path not in {h.path for h in hits}  # read right after the delete
+            assert g.count() == 20 - (i // 2 + 1)
+            replaced = g.add([crop(i + 1)], vectors[i : i + 1])  # a replaced row is gone as well
+            assert [h.id for h in g.search(vectors[i : i + 1], 20)[0] if h.path == crop(i + 1).path] == replaced
+
+
+def test_reopening_keeps_rows_model_and_never_reuses_ids(location):
+    rows = [crop(i) for i in range(5)]
+    blank = Record("/g/none.jpg", "sha-n", 1, 2, None, None, "/g")  # every nullable field None
+    negative = Record("/g/neg.jpg", "sha-m", 1, 2, -1, 0, "/g", time=0.0, camera="x", media="/v", frame=0,
+                      box=(0, 0, 0, 0), score=0.0, track=0)
+    with open_gallery(location, write=True) as g:
+        g.bind(MODEL, kind="flat")
+        first = g.add([*rows, blank, negative], unit(7))
+        g.remove([rows[4].path])
+    with open_gallery(location) as g:
+        assert g.built_with() == MODEL and g.count() == 6
+        got = g.get(first)
+        assert got == {i: r for i, r in zip(first, [*rows, blank, negative], strict=True) if r is not rows[4]}
+        assert g.info()["kind"] == "flat" and g.info()["vector_kind"] == "flat"
+    with open_gallery(location, write=True) as g:
+        again = g.add([rows[4]], unit(1))
+        assert min(again) > max(first) and NULL_INT not in again
+
+
+# --- the commands, end to end --------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def small_ckpt(tmp_path_factory):
+    from reid.model import ModelConfig, build_model, save_checkpoint
+
+    config = ModelConfig(input_size=(64, 32), output_stride=32, c_a=4, c_b=4, d_x=16, d_h=8, d_att=8,
+                         num_glimpses=1, embed_dim=16)
+    return save_checkpoint(build_model(config, pretrained=False), tmp_path_factory.mktemp("ckpt") / "small")
+
+
+def _crops(root, ids: int = 6, cams: int = 2):
+    import cv2
+
+    from reid.synthetic.render import render_person
+
+    root.mkdir(parents=True, exist_ok=True)
+    for p in range(1, ids + 1):
+        for c in range(1, cams + 1):
+            img = render_person(p, c, np.random.default_rng([p, c]), (128, 64))
+            cv2.imwrite(str(root / f"{p:04d}_c{c}s1_{p * 10 + c:06d}_01.jpg"), cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    return sorted(root.glob("*.jpg"))
+
+
+def _cli(*args):
+    import json
+
+    from typer.testing import CliRunner
+
+    import cli
+
+    result = CliRunner().invoke(cli.app, [str(a) for a in args])
+    assert result.exit_code == 0, result.output
+    return [json.loads(line) for line in result.stdout.strip().splitlines()]
+
+
+def test_index_query_and_info_on_milvus_match_the_embedded_store(location, small_ckpt, tmp_path):
+    files = _crops(tmp_path / "g")
+    common = ("--weights", small_ckpt, "--workers", "0", "--runtime", "torch", "--json")
+    milvus = _cli("index", tmp_path / "g", "--index", location, *common)[0]
+    local = _cli("index", tmp_path / "g", "--index", tmp_path / "local", *common)[0]
+    assert milvus["added"] == local["added"] == len(files) and milvus["rows"] == len(files)
+    again = _cli("index", tmp_path / "g", "--index", location, *common)[0]
+    assert (again["added"], again["unchanged"]) == (0, len(files))  # incremental, by content hash
+    queries = files[:3]
+    q = ("query", *queries, "--top", "10", "--runtime", "torch", "--json")
+    on_milvus, on_local = _cli(*q, "--index", location), _cli(*q, "--index", tmp_path / "local")
+    for a, b in zip(on_milvus, on_local, strict=True):
+        assert [m["path"] for m in a["matches"]] == [m["path"] for m in b["matches"]]  # the same top-10
+        assert np.allclose([m["score"] for m in a["matches"]], [m["score"] for m in b["matches"]], atol=1e-5)
+    info = _cli("info", "--index", location, "--json")[0]
+    assert info["rows"] == len(files) and info["index"].startswith("milvus://") and info["fingerprint"]
+
+
+def test_a_kill_9_mid_index_into_milvus_resumes_without_duplicates(location, small_ckpt, tmp_path):
+    import os
+    import textwrap
+    from pathlib import Path
+
+    import cli
+
+    files = _crops(tmp_path / "g", ids=5)
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from reid.store.milvus import MilvusGallery
+        real, n = MilvusGallery.add, []
+        def add(self, records, vectors):
+            out = real(self, records, vectors)
+            n.append(1)
+            if len(n) == 2:
+                os.kill(os.getpid(), signal.SIGKILL)
+            return out
+        MilvusGallery.add = add
+        import cli
+        sys.argv = ["reid", "index", {str(tmp_path / "g")!r}, "--index", {location!r}, "--weights",
+                    {str(small_ckpt)!r}, "--batch-size", "3", "--workers", "0", "--runtime", "torch"]
+        cli.app()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(cli.__file__).parent, capture_output=True,
+                          timeout=180, env=os.environ.copy())
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    resumed = _cli("index", tmp_path / "g", "--index", location, "--weights", small_ckpt, "--workers", "0",
+                   "--runtime", "torch", "--json", "--wait", "60")[0]
+    assert (resumed["added"], resumed["unchanged"], resumed["rows"]) == (len(files) - 6, 6, len(files))
+    with open_gallery(location) as g:
+        paths = [r.path for _, r in g.scan()]
+    assert sorted(paths) == sorted(str(f) for f in files)  # every file once
