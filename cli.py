@@ -257,10 +257,10 @@ def export_cmd(
 # --- index / query / info / demo (issue 4) ----------------------------------------------------
 
 DEFAULT_INDEX = Path("indexes/default")
-_INDEX_HELP = "Index folder (env REID_INDEX)."
+_INDEX_HELP = "Index folder, or milvus://HOST:PORT/COLLECTION (env REID_INDEX)."
 
 
-def _index_option() -> Path:
+def _index_option() -> str:
     return typer.Option(DEFAULT_INDEX, "--index", envvar="REID_INDEX", help=_INDEX_HELP)
 
 
@@ -286,7 +286,7 @@ def _render_index_report(report, as_json: bool) -> None:
 def index_cmd(
     gallery: Path = typer.Argument(..., help="Folder of crops and videos (searched recursively: jpg, jpeg, png, bmp, "
                                    "webp; mp4, avi, mkv, mov, ...), or one video or crop file."),
-    index: Path = _index_option(),
+    index: str = _index_option(),
     weights: Path | None = typer.Option(
         None, "--weights",
         help="Checkpoint (folder or .pt). Default: the index's model; the pretrained model for a new index."),
@@ -338,7 +338,7 @@ def index_cmd(
 @command("query", read_only=True)
 def query_cmd(
     images: list[Path] = typer.Argument(..., help="Query crop(s)."),
-    index: Path = _index_option(),
+    index: str = _index_option(),
     top: int = typer.Option(10, "--top", min=1, help="Matches per query."),
     as_json: bool = typer.Option(False, "--json", help="One JSON line per query on stdout."),
     save: Path | None = typer.Option(None, "--save", help="Write a picture: each query beside its matches."),
@@ -386,7 +386,7 @@ def query_cmd(
 
 @command("info", read_only=True)
 def info_cmd(
-    index: Path = _index_option(),
+    index: str = _index_option(),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON document."),
     repair: bool = typer.Option(False, "--repair", help="Rebuild vectors.faiss from the catalogue if it is stale."),
 ) -> None:
@@ -630,10 +630,8 @@ def adapt_cmd(
     out_dir: Path = typer.Option(..., "--out", help="Run folder: the adapted checkpoint is OUT/last."),
     weights: Path | None = typer.Option(None, "--weights", help="Start from this checkpoint [the default model]."),
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs of re-clustering + training [12]."),
-    eps: float | None = typer.Option(None, "--eps", help="DBSCAN radius on Jaccard distances [0.6 from 5,000 crops, "
-                                     "0.5 below]."),
-    min_samples: int | None = typer.Option(None, "--min-samples", min=1, help="Crops that make a cluster [4 from "
-                                           "5,000 crops, 2 below]."),
+    eps: float | None = typer.Option(None, "--eps", help="DBSCAN radius on Jaccard distances [0.6]."),
+    min_samples: int | None = typer.Option(None, "--min-samples", min=1, help="Crops that make a cluster [4]."),
     views: int | None = typer.Option(None, "--views", min=1, help="Cached views per crop, the clean one included [4]."),
     camera_aware: bool | None = typer.Option(
         None, "--camera-aware/--no-camera-aware",

@@ -148,7 +148,7 @@ def adapt_on_index(data: Path, video: Path, epochs: int) -> torch.nn.Module:
     report = build_index(video, index, device="cpu", footage=FootageOptions(stride=2))
     print(f"reid index {video.name} --stride 2: {report.people} people in {report.tracklets} tracklets "
           f"({report.videos_unchanged} video(s) already indexed), {time.perf_counter() - t:.0f} s")
-    return adapt_to(index, data / f"adapt-index-{epochs}", epochs, camera_aware=False)
+    return adapt_to(index, data / f"adapt-index-vote-{epochs}", epochs, camera_aware=False)
 
 
 def evaluate_cooccurring(qf: np.ndarray, gf: np.ndarray, ts: TrackletSet, max_rank: int = 10) -> dict:

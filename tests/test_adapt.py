@@ -143,12 +143,23 @@ def test_adapt_command_one_line_errors_and_json(gallery, tiny_ckpt, tmp_path):
     assert doc["epochs_done"] == 1 and doc["crops"] == 36 and doc["checkpoint"].endswith("last")
 
 
-def test_clustering_settings_follow_the_gallery_size_unless_set():
-    from reid.train.adapt import LARGE_GALLERY, clustering
+def test_clustering_settings_are_the_configs():
+    from reid.train.adapt import clustering
 
-    small, large = clustering(AdaptConfig(), 300), clustering(AdaptConfig(), LARGE_GALLERY)
-    assert (small["eps"], small["k1"], small["min_samples"]) == (0.5, 10, 2)
-    assert (large["eps"], large["k1"], large["min_samples"]) == (0.6, 30, 4)
-    mine = clustering(AdaptConfig(eps=0.45, k1=7, min_samples=3), 300)
+    paper = clustering(AdaptConfig())
+    assert (paper["eps"], paper["k1"], paper["min_samples"]) == (0.6, 30, 4)
+    mine = clustering(AdaptConfig(eps=0.45, k1=7, min_samples=3))
     assert (mine["eps"], mine["k1"], mine["min_samples"]) == (0.45, 7, 3)
-    assert clustering(AdaptConfig(auto_eps=True), 300)["eps"] is None  # the rho rule, in cluster_features
+    assert clustering(AdaptConfig(auto_eps=True))["eps"] is None  # the rho rule, in cluster_features
+
+
+def test_a_tracklet_votes_its_crops_into_one_cluster_without_chaining_others():
+    from reid.train.pseudo_labels import _vote
+
+    labels = np.array([0, 0, 1, -1, 1, 2, 2, -1, -1, -1])
+    tracks = np.array([5, 5, 5, 5, -1, -1, -1, 7, 7, -1])  # tracklet 5 mostly in cluster 0; 7 never clustered
+    out = _vote(labels, tracks)
+    assert len(set(out[:4])) == 1 and out[0] == out[1]  # the whole tracklet, its outlier too
+    assert out[4] != out[0] and out[5] == out[6] != out[0]  # cluster 1's other crop is not pulled along
+    assert out[7] == out[8] >= 0 and out[9] == -1  # a new cluster of its own; others stay outliers
+    assert sorted(set(out[out >= 0].tolist())) == list(range(len(set(out[out >= 0].tolist()))))

@@ -47,14 +47,15 @@ class AdaptConfig:
     lr: float = 3.5e-4
     weight_decay: float = 5e-4
     views: int = 4  # cached views per crop: the clean one and views - 1 augmented ones
-    # DBSCAN over k-reciprocal Jaccard distances. None: by gallery size (``clustering``): the Cluster Contrast
-    # settings (radius 0.6, k1 30, 4 samples) from LARGE_GALLERY crops on; below it, where they put everyone in
-    # one cluster, radius 0.5, k1 10, 2 samples.
-    eps: float | None = None  # the radius
+    # DBSCAN over k-reciprocal Jaccard distances, the Cluster Contrast settings. Smaller ones find clusters in
+    # small galleries, where these put everyone in one cluster and nothing is learned, but on a held-out
+    # synthetic Market (322 crops, 40 identities) training on those clusters lowered mAP from 0.284 to
+    # 0.125 (radius 0.5, k1 10, 2 samples) and 0.119 (0.5, 10, 4): no smaller default until one helps there.
+    eps: float = 0.6  # the radius
     auto_eps: bool = False  # instead: the mean distance of the closest share ``rho`` of pairs, each epoch
     rho: float = 1.6e-3
-    min_samples: int | None = None
-    k1: int | None = None
+    min_samples: int = 4
+    k1: int = 30
     k2: int = 6
     temperature: float = 0.05
     momentum: float = 0.2
@@ -63,7 +64,7 @@ class AdaptConfig:
 
     def __post_init__(self) -> None:
         for name in ("epochs", "batch_p", "batch_k", "views", "min_samples", "k1", "k2"):
-            if getattr(self, name) is not None and int(getattr(self, name)) < 1:
+            if int(getattr(self, name)) < 1:
                 raise InputError(f"`{name}` must be at least 1, got {getattr(self, name)}")
         if self.eps is not None and not 0.0 < self.eps < 1.0:
             raise InputError(f"`eps` must be within (0, 1), got {self.eps}")
@@ -83,21 +84,10 @@ class AdaptResult:
     records: list[dict[str, Any]] = field(default_factory=list)
 
 
-LARGE_GALLERY = 5000
-
-
-def clustering(config: AdaptConfig, n: int) -> dict[str, Any]:
-    """The ``cluster_features`` options for ``n`` crops: the config's, with its unset ones by gallery size.
-
-    Measured on two held-out synthetic sets (322 crops of 40 identities; 1,208 of 101) with the default
-    model, adjusted Rand index of the pseudo-labels (outliers as singletons): 0.00 / 0.00 with the Market
-    settings (radius 0.6, k1 30, 4 samples: one cluster, or a few huge ones), 0.25 / 0.14 with radius 0.5,
-    k1 10, 2 samples; on Market-size galleries the paper's settings are kept.
-    """
-    large = n >= LARGE_GALLERY
-    eps = None if config.auto_eps else config.eps if config.eps is not None else (0.6 if large else 0.5)
-    return {"eps": eps, "rho": config.rho, "k1": config.k1 or (30 if large else 10),
-            "min_samples": config.min_samples or (4 if large else 2), "k2": config.k2}
+def clustering(config: AdaptConfig) -> dict[str, Any]:
+    """The ``cluster_features`` options of ``config`` (``eps`` None there: the rho rule)."""
+    return {"eps": None if config.auto_eps else config.eps, "rho": config.rho, "k1": config.k1,
+            "min_samples": config.min_samples, "k2": config.k2}
 
 
 @dataclass
@@ -339,7 +329,7 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
     for epoch in range(start, config.epochs):
         t0 = time.perf_counter()
         feats = embed_maps(model, clean)
-        clusters = cluster_features(feats, **clustering(config, n), tracklets=data.tracklets)
+        clusters = cluster_features(feats, **clustering(config), tracklets=data.tracklets)
         record: dict[str, Any] = {"epoch": epoch + 1, "clusters": clusters.num_clusters,
                                   "outliers": clusters.num_outliers, "eps": round(clusters.eps, 4),
                                   "loss": None, "steps": 0,
