@@ -162,7 +162,7 @@ def info_table(info: dict[str, Any]) -> Table:
         ("kind", f"{info['kind']} ({info['vector_kind']})"),
         ("vectors.faiss", info["vectors"]),
         ("model", f"{info['model_source']} (fingerprint {info['fingerprint']})"),
-        ("size on disk", human_size(info["bytes_on_disk"])),
+        ("size on disk", human_size(info["bytes_on_disk"]) if info.get("bytes_on_disk") is not None else "-"),
         ("created", str(info["created_at"])),
         ("last update", str(info["updated_at"])),
     ])

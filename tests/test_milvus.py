@@ -215,6 +215,12 @@ def test_index_query_and_info_on_milvus_match_the_embedded_store(location, small
         assert np.allclose([m["score"] for m in a["matches"]], [m["score"] for m in b["matches"]], atol=1e-5)
     info = _cli("info", "--index", location, "--json")[0]
     assert info["rows"] == len(files) and info["index"].startswith("milvus://") and info["fingerprint"]
+    from typer.testing import CliRunner
+
+    import cli
+
+    table = CliRunner().invoke(cli.app, ["info", "--index", location])
+    assert table.exit_code == 0 and "milvus://" in table.output and str(len(files)) in table.output
 
 
 def test_a_kill_9_mid_index_into_milvus_resumes_without_duplicates(location, small_ckpt, tmp_path):
