@@ -348,3 +348,46 @@ def test_a_video_that_breaks_while_read_is_reported_and_the_others_go_on(tmp_pat
     monkeypatch.setattr(video_mod.FrameReader, "__iter__", real)
     again = index(folder, tmp_path / "idx", ckpt)  # its progress was kept: read now, the other one skipped
     assert (again["videos"], again["videos_unchanged"], again["failed"]) == (1, 1, [])
+
+
+def test_a_kill_9_mid_video_resumes_with_exactly_the_clean_runs_people(tmp_path, ckpt, truth_detector):
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    from reid.synthetic.video import truth_path
+
+    video = tmp_path / "g" / NAME
+    truth = make_video(video, truth_detector, frames=40)
+    truth.save(truth_path(video))
+    clean = tmp_path / "clean"
+    index(video, clean, ckpt, "--batch-size", "4")
+    idx = tmp_path / "idx"
+    script = textwrap.dedent(f"""
+        import os, signal, sys
+        from reid.sources import detector
+        from reid.store.catalogue import Catalogue
+        from reid.synthetic.video import TruthDetector, VideoTruth
+        truth = VideoTruth.load({str(truth_path(video))!r})
+        detector.DETECTORS["truth"] = lambda **options: TruthDetector(truth)
+        real, n = Catalogue.add, []
+        def add(self, records, vectors):
+            out = real(self, records, vectors)
+            n.append(1)
+            if len(n) == 3:
+                os.kill(os.getpid(), signal.SIGKILL)  # after the third chunk's rows, before its progress mark
+            return out
+        Catalogue.add = add
+        import cli
+        sys.argv = ["reid", "index", {str(video)!r}, "--index", {str(idx)!r}, "--weights", {str(ckpt)!r},
+                    "--runtime", "torch", "--detector", "truth", "--batch-size", "4"]
+        cli.app()
+    """)
+    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(cli.__file__).parent, capture_output=True,
+                          timeout=180, env=os.environ.copy())
+    assert proc.returncode == -9, proc.stderr.decode()[-2000:]
+    assert 0 < len(footage_rows(idx)) < len(footage_rows(clean))
+    resumed = index(video, idx, ckpt, "--batch-size", "4")
+    assert resumed["videos_resumed"] == 1
+    assert [r[:7] for r in footage_rows(idx)] == [r[:7] for r in footage_rows(clean)]  # no twins, nothing lost
