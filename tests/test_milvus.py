@@ -256,3 +256,28 @@ def test_a_kill_9_mid_index_into_milvus_resumes_without_duplicates(location, sma
     with open_gallery(location) as g:
         paths = [r.path for _, r in g.scan()]
     assert sorted(paths) == sorted(str(f) for f in files)  # every file once
+
+
+def test_people_from_a_video_into_milvus_answer_per_tracklet(location, small_ckpt, tmp_path, monkeypatch):
+    import cv2
+
+    from reid.sources import detector
+    from reid.sources.video import read_frame
+    from reid.synthetic.video import TruthDetector, write_video
+
+    video = tmp_path / "lobby" / "2026-12-01_14-30-00.avi"
+    truth = write_video(video, people=3, frames=16, size=(320, 192), fps=10.0)
+    monkeypatch.setitem(detector.DETECTORS, "truth", lambda **options: TruthDetector(truth))
+    common = ("--weights", small_ckpt, "--runtime", "torch", "--detector", "truth", "--json")
+    first = _cli("index", video, "--index", location, *common)[0]
+    people = sum(len(b) for b in truth.boxes.values())
+    assert (first["videos"], first["people"], first["rows"]) == (1, people, people)
+    assert _cli("index", video, "--index", location, *common)[0]["videos_unchanged"] == 1  # progress kept in Milvus
+    box = truth.boxes[8][0]
+    query = tmp_path / "q.png"
+    cv2.imwrite(str(query), cv2.cvtColor(read_frame(video, 8)[box.y1 : box.y2, box.x1 : box.x2], cv2.COLOR_RGB2BGR))
+    [result] = _cli("query", query, "--index", location, "--runtime", "torch", "--json", "--top", "3")
+    tracks = [(m["source"], m["track"]) for m in result["matches"]]
+    assert len(set(tracks)) == len(tracks) == 3 and result["matches"][0]["frame"] == 8
+    top = result["matches"][0]
+    assert top["camera"] == "lobby" and top["first_frame"] <= 8 <= top["last_frame"] and top["rows"] >= 2
