@@ -290,8 +290,8 @@ def index_cmd(
     weights: Path | None = typer.Option(
         None, "--weights",
         help="Checkpoint (folder or .pt). Default: the index's model; the pretrained model for a new index."),
-    camera: str | None = typer.Option(None, "--camera", help="Camera name for the videos (default: a Market-style "
-                                      "name's camera, else the video's folder name)."),
+    camera: str | None = typer.Option(None, "--camera", help="Camera name for the videos (default: the video's "
+                                      "folder name, else a Market-style name's camera)."),
     stride: int = typer.Option(1, "--stride", min=1, help="Process every n-th video frame."),
     frames: bool | None = typer.Option(None, "--frames/--crops", help="Image folders hold full camera frames to "
                                        "find people in, or crops (default: frames when the images are landscape "

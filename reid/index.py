@@ -198,7 +198,7 @@ class FootageOptions:
     score_threshold: float = 0.6  # detector score a person needs
     min_height: float = 32.0  # pixels; smaller people are too small to re-identify
     stride: int = 1  # process every n-th frame
-    camera: str | None = None  # camera name for every video; default: from the file's name or folder
+    camera: str | None = None  # camera name for every video; default: its folder's name, else a Market name
     frames: bool | None = None  # image folders hold full frames (True), crops (False), or look (None)
     max_age: int = 30  # processed frames a lost tracklet may be picked up again
     max_cosine_distance: float = 0.4  # appearance gate of the tracker (1 - cosine); bench_video.py chose it

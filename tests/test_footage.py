@@ -91,6 +91,10 @@ def test_time_in_names_and_reader_basics(tmp_path):
     assert time_in_name(NAME) == START
     assert time_in_name("cam2_20261201T143000.mp4") == START
     assert time_in_name("lobby.mp4") is None and time_in_name("2026-13-45_99-00-00.avi") is None
+    from reid.sources.video import camera_name
+
+    assert camera_name("/f/lobby/0001_c3s1_000001_00.mp4") == "lobby"  # the folder first, as recorders lay it out
+    assert camera_name("/0001_c3s1_000001_00.mp4") == "c3" and camera_name("/f/lobby/x.mp4", "gate") == "gate"
     truth = write_video(tmp_path / "v.avi", people=1, frames=9, size=(128, 96))
     info = probe(tmp_path / "v.avi")
     assert (info.frames, info.width, info.height, info.fps) == (9, 128, 96, 10.0)

@@ -1,5 +1,6 @@
 """Footage in, frames out: find video files and folders of full frames, read their frames (every n-th)
-with a time for each, and name the camera they came from.
+with a time for each, and name the camera they came from (``--camera``, else the folder, else a
+Market-style name).
 
 Decoding is OpenCV's (``cv2.VideoCapture``: whatever its FFmpeg build reads: mp4, avi, mkv, mov, ...).
 Frames are numbered from 0 in decoding order; a resumed read skips to its start with ``grab`` (decode
@@ -92,15 +93,15 @@ def time_in_name(name: str) -> float | None:
 
 
 def camera_name(path: str | os.PathLike, camera: str | None = None) -> str | None:
-    """The camera a file came from: ``camera`` when given, else a Market-style name's camera (``c3``),
-    else the name of the folder it lies in."""
+    """The camera a file came from: ``camera`` when given, else the name of the folder it lies in (one folder
+    per camera is how recorders lay footage out), else a Market-style name's camera (``c3``)."""
     if camera:
         return camera
     path = Path(path)
+    if path.parent.name:
+        return path.parent.name
     camid = parse_market_name(path.name)[1]
-    if camid is not None:
-        return f"c{camid}"
-    return path.parent.name or None
+    return f"c{camid}" if camid is not None else None
 
 
 def _open(path: Path) -> cv2.VideoCapture:
