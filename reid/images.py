@@ -30,11 +30,17 @@ def find_images(root: str | os.PathLike) -> list[Path]:
         if root.suffix.lower() in IMAGE_EXTENSIONS:
             return [root]
         raise InputError(f"{root}: not a folder or an image file ({', '.join(IMAGE_EXTENSIONS)})")
+    return walk_files(root, IMAGE_EXTENSIONS)
+
+
+def walk_files(root: str | os.PathLike, extensions: tuple[str, ...]) -> list[Path]:
+    """Files under the folder ``root`` whose extension (lower-cased) is one of ``extensions``, recursively,
+    hidden files and folders skipped, sorted by path."""
     found = []
     for dirpath, dirnames, filenames in os.walk(root, onerror=None):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         for name in filenames:
-            if not name.startswith(".") and os.path.splitext(name)[1].lower() in IMAGE_EXTENSIONS:
+            if not name.startswith(".") and os.path.splitext(name)[1].lower() in extensions:
                 found.append(Path(dirpath) / name)
     return sorted(found)
 

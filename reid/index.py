@@ -209,12 +209,11 @@ class FootageOptions:
 
 
 def _embedder(model, batch_size: int, device) -> Callable[[list[np.ndarray]], np.ndarray]:
-    """RGB crops -> embeddings, with the torch model or its export (the same numbers as a query's)."""
-    if hasattr(model, "parameters"):
-        from reid.embed import embed_images
+    """RGB crops -> embeddings through ``reid.embed.embed_images``, the torch model's or its export's (the
+    same path, and numbers, as a query's)."""
+    from reid.embed import embed_images
 
-        return lambda images: embed_images(model, images, batch_size=batch_size, device=device)
-    return lambda images: model.embed_images(images, batch_size=batch_size)
+    return lambda images: embed_images(model, images, batch_size=batch_size, device=device)
 
 
 def _media_record(state: MediaState, person) -> Record:
@@ -225,13 +224,14 @@ def _media_record(state: MediaState, person) -> Record:
                   box=person.box, score=person.score, track=person.track)
 
 
-def _start_video(gallery: Gallery, path: Path, options: FootageOptions, report: IndexReport) -> MediaState | None:
-    """The state to read ``path`` from: None when it is done and unchanged; a fresh state for a new or
-    changed video; the stored one (its rows past the last stored frame dropped) to resume."""
+def _start_video(gallery: Gallery, path: Path, known: MediaState | None, options: FootageOptions,
+                 report: IndexReport) -> MediaState | None:
+    """The state to read ``path`` from, given its stored one (``known``): None when it is done and unchanged;
+    a fresh state for a new or changed video; the stored one (its rows past the last stored frame dropped)
+    to resume."""
     from reid.sources.video import camera_name, probe, start_time
 
     st = path.stat()
-    known = gallery.media_states().get(str(path))
     if known is not None and known.done and (known.bytes, known.mtime) == (st.st_size, st.st_mtime_ns):
         report.videos_unchanged += 1
         return None
@@ -272,15 +272,14 @@ class _Listing:
         return self.hash.copy().hexdigest()
 
 
-def _start_folder(gallery: Gallery, folder: Path, files: list[Path], options: FootageOptions,
-                  report: IndexReport) -> tuple[MediaState, _Listing] | None:
+def _start_folder(gallery: Gallery, folder: Path, files: list[Path], known: MediaState | None,
+                  options: FootageOptions, report: IndexReport) -> tuple[MediaState, _Listing] | None:
     """Like ``_start_video`` for a folder of full frames: frames are processed in name order, so frames
     added after a run (a camera writing on) are read on from where it stopped; a change to a frame already
     processed starts the folder over."""
     from reid.sources.video import camera_name
 
     listing = _Listing(files)
-    known = gallery.media_states().get(str(folder))
     if known is not None and listing.digest(known.next_frame) == known.sha256:
         if known.done and known.next_frame >= len(files):
             report.videos_unchanged += 1
@@ -336,10 +335,11 @@ def _plan_footage(gallery: Gallery, videos: list[Path], folders: dict[Path, list
     from reid.errors import ReidError
     from reid.sources.video import FolderFrames, FrameReader, VideoInfo
 
+    stored = gallery.media_states()  # once: one query for every video and folder of the run
     jobs: list[tuple[MediaState, object, _Listing | None]] = []
     for path in videos:
         try:
-            state = _start_video(gallery, path, options, report)
+            state = _start_video(gallery, path, stored.get(str(path)), options, report)
         except (OSError, ReidError) as e:
             report.failed.append((str(path), _reason(str(path), getattr(e, "strerror", None) or str(e))))
             continue
@@ -348,7 +348,7 @@ def _plan_footage(gallery: Gallery, videos: list[Path], folders: dict[Path, list
             jobs.append((state, FrameReader(path, info, state.start or 0.0, first=state.next_frame,
                                             stride=options.stride), None))
     for folder, files in folders.items():
-        started = _start_folder(gallery, folder, files, options, report)
+        started = _start_folder(gallery, folder, files, stored.get(str(folder)), options, report)
         if started is not None:
             state, listing = started
             jobs.append((state, FolderFrames(files, first=state.next_frame, stride=options.stride), listing))
@@ -418,7 +418,8 @@ class _Sources:
 def _sources(root: Path, frames: bool | None) -> _Sources:
     """Sort what lies at ``root`` into crop files, videos and folders of full frames (``frames``: every image
     folder holds frames; None: those whose images look like camera frames). InputError for what is neither."""
-    from reid.sources.video import VIDEO_EXTENSIONS, find_videos, is_video, looks_like_frames
+    from reid.images import walk_files
+    from reid.sources.video import VIDEO_EXTENSIONS, is_video, looks_like_frames
 
     if not root.exists():
         raise InputError(f"{root}: no such folder or file")
@@ -430,8 +431,12 @@ def _sources(root: Path, frames: bool | None) -> _Sources:
         raise InputError(f"{root}: not a folder, an image ({', '.join(IMAGE_EXTENSIONS)}) or a video "
                          f"({', '.join(VIDEO_EXTENSIONS)})")
     by_folder: dict[Path, list[Path]] = {}
-    for f in find_images(root):
-        by_folder.setdefault(f.parent, []).append(f)
+    videos: list[Path] = []
+    for f in walk_files(root, IMAGE_EXTENSIONS + VIDEO_EXTENSIONS):  # one walk of the tree for both
+        if is_video(f):
+            videos.append(f)
+        else:
+            by_folder.setdefault(f.parent, []).append(f)
     crops: list[Path] = []
     folders: dict[Path, list[Path]] = {}
     for folder, files in by_folder.items():
@@ -439,7 +444,7 @@ def _sources(root: Path, frames: bool | None) -> _Sources:
             folders[folder] = files
         else:
             crops += files
-    return _Sources(crops, find_videos(root), folders)
+    return _Sources(crops, videos, folders)
 
 
 def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights: str | None = None,

@@ -68,18 +68,6 @@ def is_video(path: str | os.PathLike) -> bool:
     return os.path.splitext(str(path))[1].lower() in VIDEO_EXTENSIONS
 
 
-def find_videos(root: str | os.PathLike) -> list[Path]:
-    """Video files under ``root`` (recursive, hidden entries skipped, sorted), or ``[root]`` for a video file."""
-    root = Path(root)
-    if root.is_file():
-        return [root] if is_video(root) else []
-    found = []
-    for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
-        found += [Path(dirpath) / n for n in filenames if not n.startswith(".") and is_video(n)]
-    return sorted(found)
-
-
 def time_in_name(name: str) -> float | None:
     """Seconds since the epoch of the date and time in a file name (read as UTC), or None."""
     m = _STAMP.search(name)
