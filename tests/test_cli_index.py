@@ -7,7 +7,6 @@ import os
 import sqlite3
 import subprocess
 import sys
-import textwrap
 from pathlib import Path
 
 import cv2
@@ -19,6 +18,7 @@ import cli
 from reid.synthetic.render import render_person
 from reid.model import ModelConfig, build_model, save_checkpoint
 from reid.store import VECTORS_NAME, VectorIndex, WriterLock, open_gallery
+from killed_run import reid_killed_after
 
 SMALL = ModelConfig(input_size=(64, 32), output_stride=32, c_a=4, c_b=4, d_x=16, d_h=8, d_att=8, num_glimpses=1,
                     embed_dim=16)
@@ -179,24 +179,9 @@ def test_resume_after_kill_9(tmp_path, ckpt):
     """A real `kill -9` in the middle of the run (after the second committed batch)."""
     make_gallery(tmp_path / "g", ids=4)
     idx = tmp_path / "idx"
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        from reid.store.catalogue import Catalogue
-        real, n = Catalogue.add, []
-        def add(self, records, vectors):
-            out = real(self, records, vectors)
-            n.append(1)
-            if len(n) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return out
-        Catalogue.add = add
-        import cli
-        sys.argv = ["reid", "index", {str(tmp_path / "g")!r}, "--index", {str(idx)!r}, "--weights", {str(ckpt)!r},
-                    "--batch-size", "2", "--workers", "1"]
-        cli.app()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(cli.__file__).parent, capture_output=True,
-                          timeout=120)
+    proc = reid_killed_after("reid.store.catalogue:Catalogue.add", 2, [
+        "index", tmp_path / "g", "--index", idx, "--weights", ckpt, "--batch-size", "2", "--workers", "1"],
+        timeout=120)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert len(rows(idx)) == 4
     resumed = summary(index(tmp_path / "g", idx, ckpt))

@@ -355,10 +355,7 @@ def test_a_video_that_breaks_while_read_is_reported_and_the_others_go_on(tmp_pat
 
 
 def test_a_kill_9_mid_video_resumes_with_exactly_the_clean_runs_people(tmp_path, ckpt, truth_detector):
-    import os
-    import subprocess
-    import sys
-    import textwrap
+    from killed_run import reid_killed_after
 
     from reid.synthetic.video import truth_path
 
@@ -368,28 +365,16 @@ def test_a_kill_9_mid_video_resumes_with_exactly_the_clean_runs_people(tmp_path,
     clean = tmp_path / "clean"
     index(video, clean, ckpt, "--batch-size", "4")
     idx = tmp_path / "idx"
-    script = textwrap.dedent(f"""
-        import os, signal, sys
+    setup = f"""
         from reid.sources import detector
-        from reid.store.catalogue import Catalogue
         from reid.synthetic.video import TruthDetector, VideoTruth
         truth = VideoTruth.load({str(truth_path(video))!r})
         detector.DETECTORS["truth"] = lambda **options: TruthDetector(truth)
-        real, n = Catalogue.add, []
-        def add(self, records, vectors):
-            out = real(self, records, vectors)
-            n.append(1)
-            if len(n) == 3:
-                os.kill(os.getpid(), signal.SIGKILL)  # after the third chunk's rows, before its progress mark
-            return out
-        Catalogue.add = add
-        import cli
-        sys.argv = ["reid", "index", {str(video)!r}, "--index", {str(idx)!r}, "--weights", {str(ckpt)!r},
-                    "--runtime", "torch", "--detector", "truth", "--batch-size", "4"]
-        cli.app()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(cli.__file__).parent, capture_output=True,
-                          timeout=180, env=os.environ.copy())
+    """
+    # Killed after the third chunk's rows were stored, before its progress mark.
+    proc = reid_killed_after("reid.store.catalogue:Catalogue.add", 3, [
+        "index", video, "--index", idx, "--weights", ckpt, "--runtime", "torch", "--detector", "truth",
+        "--batch-size", "4"], setup=setup)
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert 0 < len(footage_rows(idx)) < len(footage_rows(clean))
     resumed = index(video, idx, ckpt, "--batch-size", "4")

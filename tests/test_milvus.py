@@ -224,31 +224,12 @@ def test_index_query_and_info_on_milvus_match_the_embedded_store(location, small
 
 
 def test_a_kill_9_mid_index_into_milvus_resumes_without_duplicates(location, small_ckpt, tmp_path):
-    import os
-    import textwrap
-    from pathlib import Path
-
-    import cli
+    from killed_run import reid_killed_after
 
     files = _crops(tmp_path / "g", ids=5)
-    script = textwrap.dedent(f"""
-        import os, signal, sys
-        from reid.store.milvus import MilvusGallery
-        real, n = MilvusGallery.add, []
-        def add(self, records, vectors):
-            out = real(self, records, vectors)
-            n.append(1)
-            if len(n) == 2:
-                os.kill(os.getpid(), signal.SIGKILL)
-            return out
-        MilvusGallery.add = add
-        import cli
-        sys.argv = ["reid", "index", {str(tmp_path / "g")!r}, "--index", {location!r}, "--weights",
-                    {str(small_ckpt)!r}, "--batch-size", "3", "--workers", "0", "--runtime", "torch"]
-        cli.app()
-    """)
-    proc = subprocess.run([sys.executable, "-c", script], cwd=Path(cli.__file__).parent, capture_output=True,
-                          timeout=180, env=os.environ.copy())
+    proc = reid_killed_after("reid.store.milvus:MilvusGallery.add", 2, [
+        "index", tmp_path / "g", "--index", location, "--weights", small_ckpt, "--batch-size", "3", "--workers", "0",
+        "--runtime", "torch"])
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     resumed = _cli("index", tmp_path / "g", "--index", location, "--weights", small_ckpt, "--workers", "0",
                    "--runtime", "torch", "--json", "--wait", "60")[0]
