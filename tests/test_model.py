@@ -46,8 +46,8 @@ def test_default_model_embeddings_shape_and_norm(default_model):
     assert maps.shape == (3, default_model.config.num_glimpses, 16, 8)
     assert torch.allclose(maps.sum(dim=(2, 3)), torch.ones(3, default_model.config.num_glimpses), atol=1e-5)
     assert (maps >= 0).all()
-    # different crops get different embeddings and (slightly: the shipped fit starts the attention near
-    # uniform, reid.train.distill.transfer_to_head) different attention
+    # different crops get different embeddings and (slightly: the shipped fit starts each glimpse on a
+    # horizontal stripe with a small content term, reid.train.distill.transfer_to_head) different attention
     assert not torch.allclose(emb[0], emb[1], atol=1e-3)
     assert (maps[0] - maps[1]).abs().max() > 1e-6
     assert not default_model.training

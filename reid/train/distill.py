@@ -6,8 +6,9 @@
 cache, ~5 min without.) It wrote ``reid/model/weights/default_head.safetensors`` and, beside it,
 ``default_head.json`` with the command, recipe, seed, fingerprint and held-out figures.
 
-Teacher: the streams' own average pools (each L2-normalised, concatenated, centred, PCA to the embedding
-size with half whitening). Crops: synthetic pedestrians (``reid.synthetic``: 500 identities, 16 camera
+Teacher: the streams' own average pools over each of 4 horizontal stripes of the grid (each stripe's pools
+L2-normalised, concatenated top to bottom, centred, PCA to the embedding size with half whitening; 1, 2, 4
+and 8 stripes measured on the held-out sets below: 4 best on both, 1 = the global pools of earlier heads). Crops: synthetic pedestrians (``reid.synthetic``: 500 identities, 16 camera
 styles, half drawn on natural backgrounds, half also through re-id nuisances: framing, flip, light and
 colour, blur, low resolution, occlusion) and crops of the photographs that ship with scikit-image.
 Each synthetic view's target is its teacher feature pulled half-way to its identity's mean one
@@ -15,10 +16,11 @@ Each synthetic view's target is its teacher feature pulled half-way to its ident
 
 The shipped recipe is a closed form (``fit_pooled_head``): the 1x1 reductions are standardised principal
 components of each stream's local features (stream A 255 of them plus a constant channel, stream B 3
-plus one), the bilinear projection the principal components of the location-averaged bilinear vectors,
-and the embedding layer a ridge regression onto the targets; ``transfer_to_head`` then sets the spatial
-LSTM to pass its input through (forget gates shut) and the attention to near uniform, so the whole
-head computes that fit. Optional SGD stages (``--steps-pooled``, ``--steps``: cosine and relational
+plus one), the bilinear projection the principal components of the stripe-averaged bilinear vectors,
+and the embedding layer a ridge regression of the 4 stripes' vectors onto the targets;
+``transfer_to_head`` then sets the spatial LSTM to pass its input through (forget gates shut) with one
+spare unit counting grid rows, and each of the 4 attention glimpses to a bump over that count (stripe
+g's rows), so the whole head computes that fit. Optional SGD stages (``--steps-pooled``, ``--steps``: cosine and relational
 distillation, identity cross-entropy and triplet on the synthetic identities, feature-map flips and
 occlusions) are kept for experiments: 600-2000 pooled steps and 150-300 whole-head steps measured no
 better held out. Selection used only a held-out synthetic Market-1501 world and held-out natural crops
@@ -44,7 +46,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from reid.train.losses import batch_hard_triplet, cross_entropy_label_smooth
-from reid.train.stream_cache import StreamMaps, cached_stream_maps, concat_maps, embed_maps, tune_allocator
+from reid.train.stream_cache import (StreamMaps, cached_stream_maps, concat_maps, embed_maps, stripe_rows,
+                                     tune_allocator)
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +71,7 @@ class DistillConfig:
     augment: float = 0.5  # share of synthetic views also put through the nuisance augmentation
     natural: int = 600  # natural crops, each cached clean and augmented
     teacher: str = "ab"  # a | ab (pools of stream A, or of both)
+    stripes: int = 4  # the teacher pools this many horizontal stripes; the head's glimpses attend to them
     teacher_whiten: float = 0.5  # PCA whitening power of the teacher (see Teacher.fit)
     invariant_fit: bool = False  # closed form: also regress augmented natural crops onto the clean ones' targets
     init: str = "pca"  # stage 1 starts from: pca (closed form, below) | seeded (the seeded head)
@@ -236,22 +240,23 @@ class Teacher:
     part: str
     mean: np.ndarray
     components: np.ndarray  # [C, dim]
+    stripes: int = 1
 
     @classmethod
-    def fit(cls, maps: StreamMaps, part: str, dim: int, whiten: float) -> Teacher:
+    def fit(cls, maps: StreamMaps, part: str, dim: int, whiten: float, stripes: int = 1) -> Teacher:
         """PCA on these crops; ``whiten`` = p divides each component by its standard deviation ** p
         (0: plain PCA, 1: full whitening; 0.5 scored best for the pools themselves on held-out crops)."""
-        x = maps.pooled_features(part).astype(np.float64)
+        x = maps.pooled_features(part, stripes).astype(np.float64)
         mean = x.mean(0)
         _, s, vt = np.linalg.svd(x - mean, full_matrices=False)
         comps = vt[:dim].T
         if whiten:
             comps = comps / np.maximum(s[:dim] / math.sqrt(len(x)), 1e-6) ** whiten
         comps = np.pad(comps, ((0, 0), (0, dim - comps.shape[1])))  # fewer crops than dimensions (tiny runs)
-        return cls(part, mean.astype(np.float32), comps.astype(np.float32))
+        return cls(part, mean.astype(np.float32), comps.astype(np.float32), stripes)
 
     def __call__(self, maps: StreamMaps) -> np.ndarray:
-        y = (maps.pooled_features(self.part) - self.mean) @ self.components
+        y = (maps.pooled_features(self.part, self.stripes) - self.mean) @ self.components
         return y / np.maximum(np.linalg.norm(y, axis=1, keepdims=True), 1e-12)
 
 
@@ -334,16 +339,23 @@ class CosineClassifier(nn.Module):
 
 
 class PooledHead(nn.Module):
-    """Stage 1 student: the model's bilinear layer mean-pooled over locations, a linear map, the BNNeck."""
+    """Stage 1 student: the model's bilinear layer mean-pooled over each of ``stripes`` horizontal stripes of
+    the grid (1: over all locations), the stripes' vectors concatenated, a linear map, the BNNeck."""
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, stripes: int = 1) -> None:
         super().__init__()
         self.bilinear, self.bnneck = model.bilinear, model.bnneck
-        self.fc = nn.Linear(model.config.d_x, model.config.embed_dim)
+        self.stripes = stripes
+        self.fc = nn.Linear(stripes * model.config.d_x, model.config.embed_dim)
+
+    def stripe_outer(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
+        """Bilinear vectors (before the projection) averaged over each stripe: [B, stripes, c_a*c_b]."""
+        outer = self.bilinear.outer(fa.float(), fb.float())  # [B,Gh,Gw,c_a*c_b]
+        return torch.stack([outer[:, r].mean((1, 2)) for r in stripe_rows(outer.shape[1], self.stripes)], 1)
 
     def forward(self, fa: torch.Tensor, fb: torch.Tensor) -> torch.Tensor:
         """Pre-BN features [B, D]; ``proj`` is linear, so pooling before it equals pooling after it."""
-        return self.fc(self.bilinear.proj(self.bilinear.outer(fa.float(), fb.float()).mean((1, 2))))
+        return self.fc(self.bilinear.proj(self.stripe_outer(fa, fb)).flatten(1))
 
 
 def distill_loss(f: torch.Tensor, bn: torch.Tensor, target: torch.Tensor, labels: torch.Tensor,
@@ -441,13 +453,14 @@ def fit_pooled_head(pooled: PooledHead, maps: StreamMaps, targets: np.ndarray, *
     was = bil.training
     bil.eval()
     chunks = (maps.batch(np.arange(s, min(len(maps), s + 128))) for s in range(0, len(maps), 128))
-    pooled_outer = torch.cat([bil.outer(fa.float(), fb.float()).mean((1, 2)) for fa, fb in chunks])  # [N, c_a*c_b]
-    mean, comps, _ = _pca(pooled_outer, min(bil.d_x, pooled_outer.shape[1]))
-    w = torch.zeros(bil.d_x, pooled_outer.shape[1], dtype=torch.float64)
+    pooled_outer = torch.cat([pooled.stripe_outer(fa, fb) for fa, fb in chunks])  # [N, stripes, c_a*c_b]
+    flat = pooled_outer.flatten(0, 1)  # every stripe's vector is a sample of the projection's PCA
+    mean, comps, _ = _pca(flat, min(bil.d_x, flat.shape[1]))
+    w = torch.zeros(bil.d_x, flat.shape[1], dtype=torch.float64)
     w[: len(comps)] = comps
     bil.proj.weight.copy_(w)
     bil.proj.bias.copy_(-(w @ mean))
-    x = bil.proj(pooled_outer).double()  # [N, d_x]
+    x = bil.proj(pooled_outer).flatten(1).double()  # [N, stripes * d_x]
     t = torch.from_numpy(targets).double()
     xm, tm = x.mean(0), t.mean(0)
     xc = x - xm
@@ -466,13 +479,25 @@ def fit_pooled_head(pooled: PooledHead, maps: StreamMaps, targets: np.ndarray, *
 
 def transfer_to_head(model: nn.Module, pooled: PooledHead, sample_local: torch.Tensor, gen: torch.Generator) -> None:
     """Start the whole head where stage 1 ended: each LSTM direction passes its share of the local
-    features through (scaled into tanh's linear range; forget gates shut, input/output gates open),
-    the attention is near uniform, and fc maps the mean state through stage 1's linear map."""
+    features through (scaled into tanh's linear range; forget gates shut, input/output gates open) and fc
+    maps the attention-pooled states through stage 1's linear map.
+
+    One stripe: the attention is near uniform (every glimpse is the mean state). ``stripes`` = K > 1 needs
+    K glimpses and a spare LSTM unit (d_x < directions * d_h): that unit of the last scan direction
+    counts rows (its cell adds the same amount at every step down and forgets the left neighbour, so its
+    state grows with the distance from the grid's bottom edge, whatever the crop shows), and glimpse g's
+    score is a bump over that count, two tanh units of the attention wide: high on stripe g's rows, low
+    elsewhere, so the softmax averages the states of stripe g, the pooling stage 1 was fitted on.
+    """
     lstm, att, c = model.lstm, model.attention, model.config
     dh, dx, nd, k = lstm.d_h, c.d_x, lstm.directions, c.num_glimpses
+    stripes = pooled.stripes
+    if stripes > 1 and (k != stripes or dx >= nd * dh or att.proj_x.out_features < 2 * stripes):
+        raise ValueError(f"{stripes} stripes need {stripes} glimpses, d_x < {nd * dh} and d_att >= {2 * stripes}")
     scale = 0.1 / float(sample_local.reshape(-1, dx).std(0).mean().clamp_min(1e-6))
-    open_gate = 4.0
+    open_gate, shut = 4.0, 30.0
     gain = torch.sigmoid(torch.tensor(open_gate)).item() ** 2  # sigmoid(i) * sigmoid(o)
+    share = 1 if stripes > 1 else k  # uniform glimpses each carry 1/k of the map; stripe glimpses their own
     with torch.no_grad():
         lstm.weight_x.zero_()
         lstm.weight_h.normal_(0, 0.01, generator=gen)
@@ -486,10 +511,62 @@ def transfer_to_head(model: nn.Module, pooled: PooledHead, sample_local: torch.T
             for j, col in enumerate(cols):
                 lstm.weight_x[d, col, 4 * dh + j] = scale
                 for g in range(k):
-                    fc_w[:, g * nd * dh + d * dh + j] = pooled.fc.weight[:, col] / (k * scale * gain)
+                    src = col + (g * dx if stripes > 1 else 0)
+                    fc_w[:, g * nd * dh + d * dh + j] = pooled.fc.weight[:, src] / (share * scale * gain)
         model.fc.weight.copy_(fc_w)
         model.fc.bias.copy_(pooled.fc.bias)
         att.score.weight.normal_(0, 0.01, generator=gen)
+        if stripes > 1:
+            _row_counter(lstm, unit=dh - 1, step=0.02, saturate=shut)
+            _stripe_attention(model, unit=(nd - 1) * dh + dh - 1, stripes=stripes, grid_rows=_grid_rows(model))
+
+
+def _grid_rows(model: nn.Module) -> int:
+    h, w = model.config.input_size
+    with torch.no_grad():
+        was = model.training
+        model.eval()
+        fa = model.stream_a(torch.zeros(1, 3, h, w))
+        model.train(was)
+    return int(fa.shape[2])
+
+
+def _row_counter(lstm: nn.Module, *, unit: int, step: float, saturate: float) -> None:
+    """LSTM unit ``unit`` of the last direction: c = c_up + step, h = tanh(c) (gates saturated, no input)."""
+    d, dh = lstm.directions - 1, lstm.d_h
+    gates = [unit + g * dh for g in range(5)]  # input, forget-up, forget-left, output, candidate
+    lstm.weight_x[d, :, gates] = 0.0
+    lstm.weight_h[d, :, gates] = 0.0
+    lstm.weight_h[d, [unit, dh + unit], :] = 0.0  # nothing reads the counter's state but the attention
+    lstm.bias[d, gates] = torch.tensor([saturate, saturate, -saturate, saturate, math.atanh(step)])
+
+
+def _stripe_attention(model: nn.Module, *, unit: int, stripes: int, grid_rows: int, sharpness: float = 12.0) -> None:
+    """Glimpse g scores ``sharpness`` * (tanh(a (v - lo_g)) - tanh(a (v - hi_g))) of the row counter v."""
+    att = model.attention
+    lstm = model.lstm
+    with torch.no_grad():
+        v = lstm(torch.zeros(1, grid_rows, 1, lstm.d_in))[0, :, 0, unit].double()  # the counter on each row
+    sign = 1.0 if grid_rows == 1 or float(v[0]) > float(v[-1]) else -1.0
+    v = sign * v  # decreasing downwards (the last direction scans bottom-up; a single one top-down)
+    gaps = v[:-1] - v[1:]
+    if grid_rows > 1 and float(gaps.min()) < 1e-4:
+        raise ValueError("the row counter does not separate the grid's rows")
+    a = 6.0 / float(gaps.min()) if grid_rows > 1 else 1.0  # adjacent rows 3 tanh units from a threshold
+    mids = torch.cat([v[:1] + 1.0, (v[:-1] + v[1:]) / 2, v[-1:] - 1.0])  # threshold above row i = mids[i]
+    # The stripe units read the counter alone; the other units keep their seeded weights and score with small
+    # random weights (as with one stripe), so the content path has gradients when training starts.
+    used = 2 * stripes
+    att.proj_x.weight[:used] = 0.0
+    att.proj_h.weight[:used] = 0.0
+    att.score.weight[:, :used] = 0.0
+    for g, rows in enumerate(stripe_rows(grid_rows, stripes)):
+        top, bottom = float(mids[rows.start]), float(mids[rows.stop])  # v runs from top (high) to bottom (low)
+        for u, (thr, weight) in enumerate(((bottom, sharpness), (top, -sharpness))):
+            i = 2 * g + u
+            att.proj_h.weight[i, unit] = sign * a
+            att.proj_x.bias[i] = -a * thr
+            att.score.weight[g, i] = weight
 
 
 # --- evaluation -----------------------------------------------------------------------------------
@@ -665,14 +742,15 @@ def distill(cfg: DistillConfig, *, cache: Path | None = None, scratch: Path | No
             h = held_out(model, cfg, cache, scratch or Path(tmp))
         timings["held_out_maps_s"] = time.perf_counter() - t
         clean_n = StreamMaps(*(getattr(maps_n, k)[: cfg.natural] for k in ("a", "b", "pooled")))
-        teacher = Teacher.fit(concat_maps([maps_s, clean_n]), cfg.teacher, model.config.embed_dim, cfg.teacher_whiten)
+        teacher = Teacher.fit(concat_maps([maps_s, clean_n]), cfg.teacher, model.config.embed_dim, cfg.teacher_whiten,
+                              cfg.stripes)
         figures = _baselines(model, h, teacher) if baselines else {}
         log.info("baselines %s", figures)
         t_synth = synthetic_targets(teacher, maps_s, synth.pids, cfg.proto)
         batches = Batches(cfg, maps_s, synth.pids, maps_n, t_synth, teacher(maps_n))
         classifier = CosineClassifier(model.config.embed_dim, int(synth.pids.max()) + 1, gen)
         model.train()
-        pooled = PooledHead(model)
+        pooled = PooledHead(model, cfg.stripes)
         history = []
         t = time.perf_counter()
         if cfg.init == "pca":

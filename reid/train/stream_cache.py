@@ -64,8 +64,13 @@ class StreamMaps:
         fb = torch.from_numpy(np.ascontiguousarray(self.b[idx])).to(device)
         return fa, fb
 
-    def pooled_features(self, part: str = "ab") -> np.ndarray:
-        """Training-free features: ``a``, ``b`` or ``ab`` (each pool L2-normalised, then concatenated)."""
+    def pooled_features(self, part: str = "ab", stripes: int = 1) -> np.ndarray:
+        """Training-free features: ``a``, ``b`` or ``ab`` (each pool L2-normalised, then concatenated).
+
+        ``stripes`` > 1: the pools of that many horizontal stripes of the grid (``stripe_rows``), each
+        stripe's pools normalised as above, concatenated top to bottom and L2-normalised again."""
+        if stripes > 1:
+            return self._stripe_features(part, stripes)
         ca = self.channels[0]
         pa, pb = _unit(self.pooled[:, :ca]), _unit(self.pooled[:, ca:])
         if part == "a":
@@ -75,6 +80,29 @@ class StreamMaps:
         if part == "ab":
             return _unit(np.concatenate([pa, pb], axis=1))
         raise InputError(f"pooled part must be 'a', 'b' or 'ab', not {part!r}")
+
+
+    def _stripe_features(self, part: str, stripes: int, chunk: int = 512) -> np.ndarray:
+        rows = stripe_rows(int(self.a.shape[2]), stripes)
+        out = []
+        for s in range(0, len(self), chunk):
+            pools = []
+            for name in ("a", "b"):
+                if part in (name, "ab"):
+                    m = np.asarray(getattr(self, name)[s:s + chunk], np.float32)
+                    pools.append(np.stack([_unit(m[:, :, r].mean((2, 3))) for r in rows], 1))  # [n, stripes, C]
+            if not pools:
+                raise InputError(f"pooled part must be 'a', 'b' or 'ab', not {part!r}")
+            out.append(_unit(np.concatenate(pools, axis=2).reshape(len(pools[0]), -1)))
+        return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
+
+
+def stripe_rows(grid_rows: int, stripes: int) -> list[slice]:
+    """Rows of each of ``stripes`` horizontal stripes of a grid, top to bottom, as even as they divide."""
+    if not 1 <= stripes <= grid_rows:
+        raise InputError(f"cannot cut {grid_rows} grid rows into {stripes} stripes")
+    bounds = [round(i * grid_rows / stripes) for i in range(stripes + 1)]
+    return [slice(lo, hi) for lo, hi in zip(bounds, bounds[1:], strict=False)]
 
 
 def _unit(x: np.ndarray) -> np.ndarray:
