@@ -12,9 +12,9 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from reid.images import decode_image, resize_crop
+from reid.images import decode_crop, resize_crop
 from reid.engine import ExportedEmbedder
-from reid.errors import InputError, ReidError
+from reid.errors import InputError
 from reid.runtime import prepare_torch
 
 log = logging.getLogger(__name__)
@@ -41,12 +41,7 @@ class _Crops(torch.utils.data.Dataset):
         return len(self.paths)
 
     def __getitem__(self, i: int):
-        try:
-            return i, resize_crop(decode_image(self.paths[i]), self.size), None
-        except ReidError as e:
-            return i, None, str(e)
-        except Exception as e:  # noqa: BLE001 - a decoder crash on one file must not stop the run
-            return i, None, f"{self.paths[i]}: {type(e).__name__}: {e}"
+        return i, *decode_crop(self.paths[i], self.size)
 
 
 def _collate(items):
@@ -109,6 +104,17 @@ def _prepare(model: torch.nn.Module, device: torch.device | None) -> torch.devic
         device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.to(device).eval()
     return device
+
+
+def embed_batch(model: torch.nn.Module, crops: np.ndarray, *, device: torch.device | None = None,
+                total: int | None = None) -> np.ndarray:
+    """One batch of ``embed_paths``'s model calls: uint8 crops [B,H,W,3] already at the model's size ->
+    float32 [B, D], L2-normalised. ``total``: how many crops the whole run embeds (the inference mode is
+    chosen by it, as ``embed_paths`` chooses it by its file count), for callers that decode elsewhere and
+    embed batch by batch (``reid.distributed``'s model workers)."""
+    device = _prepare(model, device)
+    with _mode(model, len(crops) if total is None else total):
+        return _run(model, torch.from_numpy(np.ascontiguousarray(crops)), device, False).numpy()
 
 
 def auto_workers(device: torch.device) -> int:

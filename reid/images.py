@@ -106,6 +106,19 @@ def resize_crop(img: np.ndarray, size: tuple[int, int] = (256, 128)) -> np.ndarr
     return cv2.resize(img, (w, h), interpolation=interp)
 
 
+def decode_crop(path: str | os.PathLike, size: tuple[int, int]) -> tuple[np.ndarray | None, str | None]:
+    """A crop file decoded and resized to ``size`` = (H, W) -> (uint8 HxWx3 RGB, None), or (None, the reason it
+    could not be): the one decoding step of every embedded crop file (``reid.embed``, ``reid.distributed``)."""
+    from reid.errors import ReidError
+
+    try:
+        return resize_crop(decode_image(path), size), None
+    except ReidError as e:
+        return None, str(e)
+    except Exception as e:  # noqa: BLE001 - a decoder crash on one file must not stop the run
+        return None, f"{path}: {type(e).__name__}: {e}"
+
+
 def to_unit_float(img: np.ndarray) -> np.ndarray:
     """uint8 HxWx3 -> float32 3xHxW in [0, 1] (the numbers ``reid.embed.to_model_input`` gives the model);
     a batch BxHxWx3 -> Bx3xHxW."""

@@ -33,6 +33,7 @@ from reid.store import FileState, Gallery, MediaState, Record, open_gallery
 log = logging.getLogger(__name__)
 
 Progress = Callable[[int, int], None]  # (images done, images to embed)
+EmbedPaths = Callable[..., object]  # reid.embed.embed_paths, or a stand-in with its signature (reid.distributed)
 
 
 @dataclass
@@ -128,10 +129,12 @@ def _plan(gallery: Gallery, root: Path, files: list[Path], report: IndexReport
 
 def index_folder(gallery: Gallery, model, folder: str | os.PathLike, *, batch_size: int = 32,
                  workers: int | None = None, device=None, prune: bool = False, progress: Progress | None = None,
-                 sync: bool = True, files: list[Path] | None = None) -> IndexReport:
+                 sync: bool = True, files: list[Path] | None = None, embed: EmbedPaths | None = None) -> IndexReport:
     """Embed the new and changed images under ``folder`` into ``gallery`` (opened for writing, model bound);
     ``sync``: bring the gallery's search structures up to date at the end (a caller with more to add
-    does that once itself); ``files``: the crop files under ``folder`` (default: every image there)."""
+    does that once itself); ``files``: the crop files under ``folder`` (default: every image there);
+    ``embed``: what decodes and embeds the files to embed (default ``reid.embed.embed_paths``; it hands each
+    batch to ``on_batch``, which stores it)."""
     from reid.embed import embed_paths
 
     t0 = time.perf_counter()
@@ -169,8 +172,8 @@ def index_folder(gallery: Gallery, model, folder: str | os.PathLike, *, batch_si
         progress(0, len(todo))
     if todo:
         t1 = time.perf_counter()
-        embed_paths(model, [Path(t.record.path) for t in todo], batch_size=batch_size, workers=workers,
-                    device=device, on_batch=on_batch)
+        (embed or embed_paths)(model, [Path(t.record.path) for t in todo], batch_size=batch_size, workers=workers,
+                               device=device, on_batch=on_batch)
         report.embed_seconds = time.perf_counter() - t1
 
     if prune:
@@ -451,7 +454,8 @@ def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights
                 batch_size: int = 32, workers: int | None = None, device: str = "auto", kind: str | None = None,
                 prune: bool = False, rebuild: bool = False, wait: float = 0.0, runtime: str = "auto",
                 footage: FootageOptions | None = None, progress: Progress | None = None,
-                frame_progress: Progress | None = None) -> IndexReport:
+                frame_progress: Progress | None = None, crop_embedder: Callable[..., EmbedPaths] | None = None
+                ) -> IndexReport:
     """``reid index``: open (or create) the gallery at ``index``, check its model, and index ``gallery``: a
     folder of crops and videos, a video file or a crop file.
 
@@ -459,7 +463,9 @@ def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights
     ``runtime``: torch, or the model's export on ONNX Runtime / OpenVINO (``reid.engine``; ``auto`` takes
     ONNX Runtime on a CPU). The export is made, checked against torch and cached here, so every later
     ``reid query`` on this gallery runs without torch. ``footage``: how people are found in videos.
-    ``progress(done, total)`` counts crop files, ``frame_progress`` video frames.
+    ``progress(done, total)`` counts crop files, ``frame_progress`` video frames. ``crop_embedder(ref)``: given
+    the gallery's ``ModelRef``, what decodes and embeds the crop files in place of ``reid.embed.embed_paths``
+    (``reid.distributed``: Ray Data); the planning and the writes stay here, footage is read in this process.
     """
     from reid import engine
     from reid.model.identity import DEFAULT_SOURCE, ModelRef, model_source
@@ -481,8 +487,12 @@ def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights
         report = IndexReport()
         if found.crops or (prune and root.is_dir()):
             report = index_folder(store, model, root, batch_size=batch_size, workers=workers, device=dev,
-                                  prune=prune, progress=progress, sync=False, files=found.crops)
+                                  prune=prune, progress=progress, sync=False, files=found.crops,
+                                  embed=crop_embedder(ref) if crop_embedder is not None else None)
         if found.videos or found.folders:
+            if crop_embedder is not None:
+                log.warning("%d videos and %d frame folders are indexed in this process: Ray embeds crop files only",
+                            len(found.videos), len(found.folders))
             index_footage(store, model, found.videos, folders=found.folders, options=footage, batch_size=batch_size,
                           device=dev, report=report, progress=frame_progress)
         if prune and root.is_dir():
