@@ -95,6 +95,8 @@ _OPTIONS = {
     "`model_config`": "--input-size / --stream-a / --stream-b",
     # adapt
     "`eps`": "--eps", "`views`": "--views", "`min_samples`": "--min-samples",
+    # index --ray
+    "`ray`": "--ray",
 }
 
 
@@ -309,6 +311,13 @@ def index_cmd(
     rebuild: bool = typer.Option(False, "--rebuild", help="Drop every row and re-embed (e.g. with another model)."),
     wait: float = typer.Option(0.0, "--wait", min=0, help="Seconds to wait for another writer of the index."),
     runtime: RuntimeName = _runtime_option(),
+    ray: bool = typer.Option(False, "--ray", help="Decode and embed the crop files on Ray Data (a local cluster on "
+                             "loopback unless --ray-address); the index is written here. Videos are read here."),
+    ray_address: str | None = typer.Option(None, "--ray-address", metavar="ADDRESS",
+                                           help="Ray cluster for --ray (implies it): auto, HOST:6379 or "
+                                                "ray://HOST:10001."),
+    ray_actors: int | None = typer.Option(None, "--ray-actors", min=1, show_default="auto",
+                                          help="Model workers on Ray (auto: one per GPU, else one per node)."),
     as_json: bool = typer.Option(False, "--json", help="Print the summary as one JSON document."),
 ) -> None:
     """Embed every new or changed crop of GALLERY, and the people in its videos, into the index (incremental,
@@ -316,6 +325,13 @@ def index_cmd(
     from reid.console import embedding_progress
     from reid.index import FootageOptions, build_index
 
+    run_index, extra = build_index, {}
+    if ray or ray_address is not None:
+        from reid.distributed import RayOptions, index_on_ray
+
+        run_index, extra = index_on_ray, {"ray": RayOptions(address=ray_address, actors=ray_actors)}
+    elif ray_actors is not None:
+        raise typer.BadParameter("needs --ray", param_hint="--ray-actors")
     footage = FootageOptions(detector=detector, score_threshold=det_score, min_height=min_height, stride=stride,
                              camera=camera, frames=frames)
     with embedding_progress(err) as bar:
@@ -327,11 +343,11 @@ def index_cmd(
                                            unit="img" if kind == "crops" else "frames")
             bar.update(tasks[kind], completed=done, total=total)
 
-        report = build_index(gallery, index, weights=None if weights is None else str(weights), batch_size=batch_size,
-                             workers=workers, device=device.value, kind=kind and kind.value, prune=prune,
-                             rebuild=rebuild, wait=wait, runtime=runtime.value, footage=footage,
-                             progress=lambda done, total: progress("crops", done, total),
-                             frame_progress=lambda done, total: progress("frames", done, total))
+        report = run_index(gallery, index, weights=None if weights is None else str(weights), batch_size=batch_size,
+                           workers=workers, device=device.value, kind=kind and kind.value, prune=prune,
+                           rebuild=rebuild, wait=wait, runtime=runtime.value, footage=footage,
+                           progress=lambda done, total: progress("crops", done, total),
+                           frame_progress=lambda done, total: progress("frames", done, total), **extra)
     _render_index_report(report, as_json)
 
 
