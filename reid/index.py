@@ -204,7 +204,7 @@ class FootageOptions:
     camera: str | None = None  # camera name for every video; default: its folder's name, else a Market name
     frames: bool | None = None  # image folders hold full frames (True), crops (False), or look (None)
     max_age: int = 30  # processed frames a lost tracklet may be picked up again
-    max_cosine_distance: float = 0.4  # appearance gate of the tracker (1 - cosine); bench_video.py chose it
+    max_cosine_distance: float = 0.5  # appearance gate of the tracker (1 - cosine); bench_video.py chose it
 
     def __post_init__(self) -> None:
         if self.stride < 1:

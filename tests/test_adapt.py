@@ -97,6 +97,23 @@ def test_adapt_end_to_end_writes_a_usable_checkpoint(gallery, tiny_ckpt, tmp_pat
     assert (tmp_path / "run" / "adapt.jsonl").read_text().count("\n") == 2
 
 
+def test_an_epoch_whose_largest_cluster_holds_most_crops_learns_nothing(gallery, tiny_ckpt, tmp_path, monkeypatch):
+    import reid.train.pseudo_labels as pseudo_labels
+
+    def merged(feats, **_):  # one pseudo-identity of all crops but three, and a pair
+        labels = np.zeros(len(feats), np.int64)
+        labels[:2], labels[2] = 1, -1
+        return Clusters(labels, 0.6)
+
+    monkeypatch.setattr(pseudo_labels, "cluster_features", merged)  # adapt imports it when it runs
+    seen = []
+    result = adapt(gallery, tmp_path / "run", weights=tiny_ckpt, config=FAST, device="cpu", on_epoch=seen.append)
+    crops = len(list(gallery.glob("*.jpg")))
+    assert [(r["clusters"], r["largest"], r["loss"], r["steps"]) for r in seen] == [(2, crops - 3, None, 0)] * 2
+    adapted, original = load_checkpoint(result.checkpoint).state_dict(), load_checkpoint(tiny_ckpt).state_dict()
+    assert all(torch.equal(v, original[k]) for k, v in adapted.items())
+
+
 def test_adapt_resumes_after_an_interruption(gallery, tiny_ckpt, tmp_path):
     whole = adapt(gallery, tmp_path / "whole", weights=tiny_ckpt, config=FAST, device="cpu")
 

@@ -166,6 +166,35 @@ def test_lstm_state_flows_from_top_left_and_bottom_right():
     assert bwd[0, 1:, 1:].max() == 0 and bwd[0, 0, 0].max() > 0  # the BR->TL scan only sees it at that cell
 
 
+@pytest.mark.parametrize("directions", [2, 1])
+def test_row_counter_counts_rows_whatever_the_input_and_stays_fixed_under_training(directions):
+    from reid.model.spatial_lstm import COUNTER_STEP
+
+    torch.manual_seed(0)
+    lstm = SpatialLSTM2d(7, 6, directions=directions, row_counter=True)
+    x = torch.randn(4, 5, 3, 7)
+    counter = lstm(x)[..., lstm.counter_unit]  # [B, Gh, Gw]
+    rows = torch.arange(5, 0, -1) if directions == 2 else torch.arange(1, 6)  # the last scan runs bottom-up
+    expected = torch.tanh(rows * COUNTER_STEP).view(1, 5, 1).expand_as(counter)
+    assert torch.allclose(counter, expected, atol=1e-6)
+    before = [p.detach().clone() for p in lstm.parameters()]
+    opt = torch.optim.Adam(lstm.parameters(), lr=0.1)
+    for _ in range(3):  # Adam moves every parameter with a gradient by about lr per step, however small it is
+        opt.zero_grad()
+        lstm(x).sum().backward()
+        opt.step()
+    assert torch.allclose(lstm(torch.randn(2, 5, 3, 7))[..., lstm.counter_unit], expected[:2], atol=1e-6)
+    moved = [not torch.equal(a, b) for a, b in zip(before, lstm.parameters(), strict=True)]
+    assert all(moved)  # the other units did train
+
+
+def test_configs_saved_before_the_row_counter_load_without_it():
+    doc = ModelConfig().to_dict()
+    assert doc["row_counter"] is True
+    del doc["row_counter"]
+    assert ModelConfig.from_dict(doc).row_counter is False
+
+
 def test_bilinear_equals_explicit_outer_product_per_location():
     torch.manual_seed(0)
     layer = LocalBilinear(5, 4, c_a=3, c_b=2, d_x=7).double().eval()

@@ -62,6 +62,9 @@ class ModelConfig:
     # K. The shipped head's 4 glimpses start as the 4 horizontal stripes of the grid (reid.train.distill
     # measured 1, 2, 4 and 8 stripes on held-out synthetic and natural crops; 4 scored best on both).
     num_glimpses: int = 4
+    # The LSTM's last unit counts grid rows (a fixed positional unit, reid.model.spatial_lstm); the shipped
+    # head's glimpses read it to attend to stripes. Configs saved without this field had no counter.
+    row_counter: bool = True
     embed_dim: int = 512  # D
     num_classes: int = 0  # identities of the training classifier; 0 = none
     seed: int = 0  # seeds the head's initialisation (and the streams' when not pretrained)
@@ -119,6 +122,7 @@ class ModelConfig:
         if unknown:
             raise ValueError(f"unknown model config fields: {', '.join(unknown)}")
         d = dict(d)
+        d.setdefault("row_counter", False)  # saved before the field existed: no counter
         if "input_size" in d:
             d["input_size"] = tuple(int(v) for v in d["input_size"])
         return cls(**d)
@@ -150,7 +154,8 @@ class AttentionBilinearNet(nn.Module):
                                     weights=weights.get("b"))
         self.bilinear = LocalBilinear(self.stream_a.out_channels, self.stream_b.out_channels,
                                       c_a=config.c_a, c_b=config.c_b, d_x=config.d_x)
-        self.lstm = SpatialLSTM2d(config.d_x, config.d_h, directions=config.lstm_directions)
+        self.lstm = SpatialLSTM2d(config.d_x, config.d_h, directions=config.lstm_directions,
+                                  row_counter=config.row_counter)
         self.attention = LocationAttention(config.d_x, self.lstm.out_dim, d_att=config.d_att,
                                            glimpses=config.num_glimpses)
         self.fc = nn.Linear(config.num_glimpses * self.lstm.out_dim, config.embed_dim)

@@ -8,6 +8,12 @@ All cells on one anti-diagonal (i + j = k) depend only on the previous anti-diag
 takes Gh + Gw - 1 batched steps instead of Gh * Gw. Two scans run together (top-left -> bottom-right
 and, on the flipped grid, bottom-right -> top-left), each with its own weights; their hidden states
 are concatenated.
+
+With ``row_counter`` the last unit of the last scan direction is a fixed positional unit: its gates are
+saturated and its input and recurrent weights zero, so its cell adds ``COUNTER_STEP`` at every step along
+the scan's vertical axis and forgets its left neighbour; its state is tanh(rows from the scan's first edge
+x step), whatever the crop shows. Its own parameters take no gradient (a training step leaves them as they
+are); the attention, and the other units, may read it.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 NUM_GATES = 5  # input, forget-up, forget-left, output, candidate
+COUNTER_STEP = 0.02  # the row counter's increment per row: tanh stays near its linear range over 16 rows
+COUNTER_SATURATION = 30.0  # the counter's gate biases: sigmoid(30) = 1 - 1e-13
 
 
 @lru_cache(maxsize=64)
@@ -36,15 +44,44 @@ def diagonal_plan(gh: int, gw: int) -> tuple[tuple[tuple[int, int], ...], tuple[
 class SpatialLSTM2d(nn.Module):
     """x [B,Gh,Gw,d_in] -> h [B,Gh,Gw,directions*d_h]; directions = 2 (TL->BR and BR->TL) or 1."""
 
-    def __init__(self, d_in: int, d_h: int, *, directions: int = 2) -> None:
+    def __init__(self, d_in: int, d_h: int, *, directions: int = 2, row_counter: bool = False) -> None:
         super().__init__()
         if directions not in (1, 2):
             raise ValueError("directions must be 1 or 2")
         self.d_in, self.d_h, self.directions = d_in, d_h, directions
+        self.row_counter = row_counter
         self.weight_x = nn.Parameter(torch.empty(directions, d_in, NUM_GATES * d_h))
         self.weight_h = nn.Parameter(torch.empty(directions, 2 * d_h, NUM_GATES * d_h))
         self.bias = nn.Parameter(torch.empty(directions, NUM_GATES * d_h))
+        if row_counter:
+            gates = torch.zeros(NUM_GATES * d_h, dtype=torch.bool)
+            gates[[d_h - 1 + g * d_h for g in range(NUM_GATES)]] = True  # the unit within its direction
+            self.register_buffer("_counter_gates", gates, persistent=False)
+            for p in (self.weight_x, self.weight_h, self.bias):
+                p.register_hook(self._freeze_counter)
         self.reset_parameters()
+
+    @property
+    def counter_unit(self) -> int:
+        """Index of the row counter in the output channels (the last one), when ``row_counter``."""
+        return self.directions * self.d_h - 1
+
+    def _freeze_counter(self, grad: torch.Tensor) -> torch.Tensor:
+        keep = torch.ones_like(grad)
+        keep[-1, ..., self._counter_gates] = 0.0  # the last direction's counter gates, in every row of the tensor
+        return grad * keep
+
+    @torch.no_grad()
+    def reset_counter(self) -> None:
+        """(Re)impose the row counter's parameters (no-op without ``row_counter``)."""
+        if not self.row_counter:
+            return
+        d, dh, u = self.directions - 1, self.d_h, self.d_h - 1
+        gates = [u + g * dh for g in range(NUM_GATES)]
+        self.weight_x[d, :, gates] = 0.0
+        self.weight_h[d, :, gates] = 0.0
+        s = COUNTER_SATURATION
+        self.bias[d, gates] = torch.tensor([s, s, -s, s, math.atanh(COUNTER_STEP)], dtype=self.bias.dtype)
 
     @property
     def out_dim(self) -> int:
@@ -59,6 +96,7 @@ class SpatialLSTM2d(nn.Module):
                 p.uniform_(-bound, bound, generator=generator)
             self.bias.zero_()
             self.bias[:, self.d_h : 3 * self.d_h] = 1.0
+        self.reset_counter()
 
     @staticmethod
     def cell(gates: torch.Tensor, c_up: torch.Tensor, c_left: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

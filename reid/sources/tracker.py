@@ -87,7 +87,7 @@ class Tracker:
     """DeepSORT over our detections and embeddings: ``update`` once per processed frame, in order."""
 
     def __init__(self, *, max_age: int = 30, n_init: int = 2, max_iou_distance: float = 0.7,
-                 max_cosine_distance: float = 0.4, first_id: int = 1, nn_budget: int | None = 100) -> None:
+                 max_cosine_distance: float = 0.5, first_id: int = 1, nn_budget: int | None = 100) -> None:
         _check_options(max_age, n_init, max_iou_distance, max_cosine_distance, first_id, nn_budget)
         self._sort = DeepSort(max_age=int(max_age) + 1, n_init=int(n_init), max_iou_distance=float(max_iou_distance),
                               max_cosine_distance=float(max_cosine_distance),

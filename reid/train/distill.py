@@ -8,22 +8,23 @@ cache, ~5 min without.) It wrote ``reid/model/weights/default_head.safetensors``
 
 Teacher: the streams' own average pools over each of 4 horizontal stripes of the grid (each stripe's pools
 L2-normalised, concatenated top to bottom, centred, PCA to the embedding size with half whitening; 1, 2, 4
-and 8 stripes measured on the held-out sets below: 4 best on both, 1 = the global pools of earlier heads). Crops: synthetic pedestrians (``reid.synthetic``: 500 identities, 16 camera
-styles, half drawn on natural backgrounds, half also through re-id nuisances: framing, flip, light and
-colour, blur, low resolution, occlusion) and crops of the photographs that ship with scikit-image.
-Each synthetic view's target is its teacher feature pulled half-way to its identity's mean one
-(``proto``): the only use of the synthetic labels.
+and 8 stripes measured on the held-out sets below: 4 best on both, 1 = the global pools of earlier heads).
+Crops: synthetic pedestrians (``reid.synthetic``: 500 identities, 16 camera styles, half drawn on natural
+backgrounds, half also through re-id nuisances: framing, flip, light and colour, blur, low resolution,
+occlusion) and crops of the photographs that ship with scikit-image. Each synthetic view's target is its
+teacher feature pulled half-way to its identity's mean one (``proto``): the only use of the synthetic labels.
 
 The shipped recipe is a closed form (``fit_pooled_head``): the 1x1 reductions are standardised principal
 components of each stream's local features (stream A 255 of them plus a constant channel, stream B 3
 plus one), the bilinear projection the principal components of the stripe-averaged bilinear vectors,
 and the embedding layer a ridge regression of the 4 stripes' vectors onto the targets;
-``transfer_to_head`` then sets the spatial LSTM to pass its input through (forget gates shut) with one
-spare unit counting grid rows, and each of the 4 attention glimpses to a bump over that count (stripe
-g's rows), so the whole head computes that fit. Optional SGD stages (``--steps-pooled``, ``--steps``: cosine and relational
-distillation, identity cross-entropy and triplet on the synthetic identities, feature-map flips and
-occlusions) are kept for experiments: 600-2000 pooled steps and 150-300 whole-head steps measured no
-better held out. Selection used only a held-out synthetic Market-1501 world and held-out natural crops
+``transfer_to_head`` then sets the spatial LSTM to pass its input through (forget gates shut) beside the
+model's fixed row-counting unit (``ModelConfig.row_counter``), and each of the 4 attention glimpses to a
+bump over that count (stripe g's rows), so the whole head computes that fit. Optional SGD stages
+(``--steps-pooled``, ``--steps``: cosine and relational distillation, identity cross-entropy and triplet
+on the synthetic identities, feature-map flips and occlusions) are kept for experiments: 600-2000 pooled
+steps and 150-300 whole-head steps measured no better held out (with the global-pool head). Selection used
+only a held-out synthetic Market-1501 world and held-out natural crops
 (instance retrieval under the nuisances); real evaluation video is never used here.
 """
 
@@ -483,19 +484,21 @@ def transfer_to_head(model: nn.Module, pooled: PooledHead, sample_local: torch.T
     maps the attention-pooled states through stage 1's linear map.
 
     One stripe: the attention is near uniform (every glimpse is the mean state). ``stripes`` = K > 1 needs
-    K glimpses and a spare LSTM unit (d_x < directions * d_h): that unit of the last scan direction
-    counts rows (its cell adds the same amount at every step down and forgets the left neighbour, so its
-    state grows with the distance from the grid's bottom edge, whatever the crop shows), and glimpse g's
-    score is a bump over that count, two tanh units of the attention wide: high on stripe g's rows, low
-    elsewhere, so the softmax averages the states of stripe g, the pooling stage 1 was fitted on.
+    K glimpses, the model's row counter (``ModelConfig.row_counter``: the last LSTM unit, whose state
+    grows with the distance from the grid's bottom edge whatever the crop shows) and d_x < directions *
+    d_h so the pass-through leaves that unit alone. Glimpse g's score is a bump over the count, two tanh
+    units of the attention wide: high on stripe g's rows, low elsewhere, so the softmax averages the
+    states of stripe g, the pooling stage 1 was fitted on.
     """
     lstm, att, c = model.lstm, model.attention, model.config
     dh, dx, nd, k = lstm.d_h, c.d_x, lstm.directions, c.num_glimpses
     stripes = pooled.stripes
-    if stripes > 1 and (k != stripes or dx >= nd * dh or att.proj_x.out_features < 2 * stripes):
-        raise ValueError(f"{stripes} stripes need {stripes} glimpses, d_x < {nd * dh} and d_att >= {2 * stripes}")
+    if stripes > 1 and (k != stripes or dx >= nd * dh or att.proj_x.out_features < 2 * stripes
+                        or not lstm.row_counter):
+        raise ValueError(f"{stripes} stripes need {stripes} glimpses, d_x < {nd * dh}, d_att >= {2 * stripes} "
+                         f"and the LSTM's row counter")
     scale = 0.1 / float(sample_local.reshape(-1, dx).std(0).mean().clamp_min(1e-6))
-    open_gate, shut = 4.0, 30.0
+    open_gate = 4.0
     gain = torch.sigmoid(torch.tensor(open_gate)).item() ** 2  # sigmoid(i) * sigmoid(o)
     share = 1 if stripes > 1 else k  # uniform glimpses each carry 1/k of the map; stripe glimpses their own
     with torch.no_grad():
@@ -516,9 +519,11 @@ def transfer_to_head(model: nn.Module, pooled: PooledHead, sample_local: torch.T
         model.fc.weight.copy_(fc_w)
         model.fc.bias.copy_(pooled.fc.bias)
         att.score.weight.normal_(0, 0.01, generator=gen)
+        lstm.reset_counter()
+        if lstm.row_counter:
+            lstm.weight_h[nd - 1, [dh - 1, 2 * dh - 1], :] = 0.0  # no unit reads the counter at the start
         if stripes > 1:
-            _row_counter(lstm, unit=dh - 1, step=0.02, saturate=shut)
-            _stripe_attention(model, unit=(nd - 1) * dh + dh - 1, stripes=stripes, grid_rows=_grid_rows(model))
+            _stripe_attention(model, unit=lstm.counter_unit, stripes=stripes, grid_rows=_grid_rows(model))
 
 
 def _grid_rows(model: nn.Module) -> int:
@@ -529,16 +534,6 @@ def _grid_rows(model: nn.Module) -> int:
         fa = model.stream_a(torch.zeros(1, 3, h, w))
         model.train(was)
     return int(fa.shape[2])
-
-
-def _row_counter(lstm: nn.Module, *, unit: int, step: float, saturate: float) -> None:
-    """LSTM unit ``unit`` of the last direction: c = c_up + step, h = tanh(c) (gates saturated, no input)."""
-    d, dh = lstm.directions - 1, lstm.d_h
-    gates = [unit + g * dh for g in range(5)]  # input, forget-up, forget-left, output, candidate
-    lstm.weight_x[d, :, gates] = 0.0
-    lstm.weight_h[d, :, gates] = 0.0
-    lstm.weight_h[d, [unit, dh + unit], :] = 0.0  # nothing reads the counter's state but the attention
-    lstm.bias[d, gates] = torch.tensor([saturate, saturate, -saturate, saturate, math.atanh(step)])
 
 
 def _stripe_attention(model: nn.Module, *, unit: int, stripes: int, grid_rows: int, sharpness: float = 12.0) -> None:
