@@ -155,7 +155,7 @@ def sightings(index: Path, data: Path, queries: int, runtime: str) -> list[tuple
     return out
 
 
-def synthetic_tracking(gates: tuple[float, ...] = (0.2, 0.3, 0.4, 0.5), videos: int = 3) -> list[tuple]:
+def synthetic_tracking(gates: tuple[float, ...] = (0.3, 0.4, 0.5, 0.6), videos: int = 3) -> list[tuple]:
     """Tracker purity/coverage/fragmentation on synthetic videos (truth boxes, default-model embeddings,
     computed once; only the tracker runs per gate)."""
     from reid.sources.tracker import Tracker, score_tracking
