@@ -523,17 +523,7 @@ def transfer_to_head(model: nn.Module, pooled: PooledHead, sample_local: torch.T
         if lstm.row_counter:
             lstm.weight_h[nd - 1, [dh - 1, 2 * dh - 1], :] = 0.0  # no unit reads the counter at the start
         if stripes > 1:
-            _stripe_attention(model, unit=lstm.counter_unit, stripes=stripes, grid_rows=_grid_rows(model))
-
-
-def _grid_rows(model: nn.Module) -> int:
-    h, w = model.config.input_size
-    with torch.no_grad():
-        was = model.training
-        model.eval()
-        fa = model.stream_a(torch.zeros(1, 3, h, w))
-        model.train(was)
-    return int(fa.shape[2])
+            _stripe_attention(model, unit=lstm.counter_unit, stripes=stripes, grid_rows=c.grid[0])
 
 
 def _stripe_attention(model: nn.Module, *, unit: int, stripes: int, grid_rows: int, sharpness: float = 12.0) -> None:

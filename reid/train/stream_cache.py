@@ -81,7 +81,6 @@ class StreamMaps:
             return _unit(np.concatenate([pa, pb], axis=1))
         raise InputError(f"pooled part must be 'a', 'b' or 'ab', not {part!r}")
 
-
     def _stripe_features(self, part: str, stripes: int, chunk: int = 512) -> np.ndarray:
         rows = stripe_rows(int(self.a.shape[2]), stripes)
         out = []
