@@ -82,16 +82,14 @@ class StreamMaps:
         raise InputError(f"pooled part must be 'a', 'b' or 'ab', not {part!r}")
 
     def _stripe_features(self, part: str, stripes: int, chunk: int = 512) -> np.ndarray:
+        names = {"a": ("a",), "b": ("b",), "ab": ("a", "b")}.get(part)
+        if names is None:
+            raise InputError(f"pooled part must be 'a', 'b' or 'ab', not {part!r}")
         rows = stripe_rows(int(self.a.shape[2]), stripes)
         out = []
         for s in range(0, len(self), chunk):
-            pools = []
-            for name in ("a", "b"):
-                if part in (name, "ab"):
-                    m = np.asarray(getattr(self, name)[s:s + chunk], np.float32)
-                    pools.append(np.stack([_unit(m[:, :, r].mean((2, 3))) for r in rows], 1))  # [n, stripes, C]
-            if not pools:
-                raise InputError(f"pooled part must be 'a', 'b' or 'ab', not {part!r}")
+            pools = [np.stack([_unit(m[:, :, r].mean((2, 3))) for r in rows], 1)  # [n, stripes, C]
+                     for m in (np.asarray(getattr(self, name)[s:s + chunk], np.float32) for name in names)]
             out.append(_unit(np.concatenate(pools, axis=2).reshape(len(pools[0]), -1)))
         return np.concatenate(out) if out else np.zeros((0, 0), np.float32)
 
