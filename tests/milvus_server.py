@@ -64,8 +64,13 @@ def free_ports(n: int) -> list[int]:
 class MilvusServer:
     """One milvus-server process group, data in ``folder``."""
 
-    def __init__(self, folder: str | os.PathLike) -> None:
+    def __init__(self, folder: str | os.PathLike, extra: dict | None = None,
+                 ca: str | os.PathLike | None = None) -> None:
+        """``extra``: more ``--extra-config`` settings (over EXTRA); ``ca``: the CA file the readiness check
+        verifies the server's certificate with, for a one-way TLS server (``common.security.tlsMode: 1``)."""
         self.folder = Path(folder)
+        self.extra = {**EXTRA, **(extra or {})}
+        self.ca = ca
         ports = free_ports(len(PORT_OPTIONS) + 2)
         self.ports = dict(zip(PORT_OPTIONS, ports, strict=False))
         # The embedded etcd ignores --etcd-port (it listens on localhost:2379/2380); its own config file,
@@ -82,7 +87,7 @@ class MilvusServer:
         cmd = [str(Path(sys.executable).parent / "milvus-server"), "--data", str(self.folder)]
         for option, port in self.ports.items():
             cmd += [f"--{option}", str(port)]
-        extra = {f"{c}.ip": HOST for c in COMPONENTS} | EXTRA
+        extra = {f"{c}.ip": HOST for c in COMPONENTS} | self.extra
         for key, value in extra.items():
             cmd += ["--extra-config", f"{key}={value}"]
         return cmd
@@ -118,7 +123,9 @@ class MilvusServer:
                 raise RuntimeError(f"milvus-server exited with {self.proc.returncode}; see {self.folder}/server.log "
                                    f"and {self.folder}/logs")
             try:
-                client = MilvusClient(uri=f"http://{HOST}:{self.port}", user=USER, password=PASSWORD, timeout=5)
+                tls = {"secure": True, "server_pem_path": str(self.ca)} if self.ca else {}
+                client = MilvusClient(uri=f"{'https' if self.ca else 'http'}://{HOST}:{self.port}", user=USER,
+                                      password=PASSWORD, timeout=5, **tls)
                 try:
                     client.list_collections()
                     return

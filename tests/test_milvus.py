@@ -1,13 +1,17 @@
 """Milvus-specific behaviour of ``reid.store.milvus`` (the shared behaviour is in test_gallery_contract.py).
 
 Server tests run on the session's real Milvus 2.3.5 standalone server (tests/milvus_server.py, loopback only);
-they are skipped when the ``milvus`` package is not installed.
+they are skipped when the ``milvus`` package is not installed. The TLS tests (last) start a second server,
+one-way TLS with a throwaway CA made by the openssl command (skipped without it).
 """
 
 from __future__ import annotations
 
+import json
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -262,3 +266,106 @@ def test_people_from_a_video_into_milvus_answer_per_tracklet(location, small_ckp
     assert len(set(tracks)) == len(tracks) == 3 and result["matches"][0]["frame"] == 8
     top = result["matches"][0]
     assert top["camera"] == "lobby" and top["first_frame"] <= 8 <= top["last_frame"] and top["rows"] >= 2
+
+
+# --- on a one-way TLS server of its own (last: the module's fixture stops it at the end) ------------
+
+
+def _openssl(*args: str) -> None:
+    proc = subprocess.run(["openssl", *args], capture_output=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr.decode()[-2000:]
+
+
+def _tls_files(folder: Path) -> dict[str, Path]:
+    """A throwaway CA, a server certificate it signs for 127.0.0.1 / localhost (SAN) and its key, and a second
+    CA that signed nothing (EC P-256, one day), made with the openssl command."""
+    folder.mkdir(parents=True)
+    f = {name: folder / name for name in ("ca.pem", "ca.key", "server.pem", "server.key", "other-ca.pem")}
+    key = ("-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes")
+    ca = ("-addext", "basicConstraints=critical,CA:TRUE", "-addext", "keyUsage=critical,keyCertSign,cRLSign")
+    _openssl("req", "-x509", *key, "-keyout", str(f["ca.key"]), "-out", str(f["ca.pem"]), "-days", "1",
+             "-subj", "/CN=reid test CA", *ca)
+    _openssl("req", "-x509", *key, "-keyout", str(folder / "other-ca.key"), "-out", str(f["other-ca.pem"]),
+             "-days", "1", "-subj", "/CN=reid other CA", *ca)
+    _openssl("req", "-new", *key, "-keyout", str(f["server.key"]), "-out", str(folder / "server.csr"),
+             "-subj", "/CN=127.0.0.1")
+    (folder / "server.ext").write_text("subjectAltName=IP:127.0.0.1,DNS:localhost\nbasicConstraints=CA:FALSE\n"
+                                       "keyUsage=critical,digitalSignature,keyEncipherment\n"
+                                       "extendedKeyUsage=serverAuth\n")
+    _openssl("x509", "-req", "-in", str(folder / "server.csr"), "-CA", str(f["ca.pem"]), "-CAkey", str(f["ca.key"]),
+             "-set_serial", "1", "-days", "1", "-extfile", str(folder / "server.ext"), "-out", str(f["server.pem"]))
+    return f
+
+
+@pytest.fixture(scope="module")
+def tls_server(tmp_path_factory):
+    """A second Milvus server, one-way TLS (Milvus 2.3: common.security.tlsMode 1), for this module only;
+    yields (server, the TLS files)."""
+    import shutil
+
+    import milvus_server as ms
+
+    reason = ms.available() or (None if shutil.which("openssl") else "the openssl command is not installed")
+    if reason:
+        pytest.skip(reason)
+    folder = tmp_path_factory.mktemp("milvus-tls")
+    files = _tls_files(folder / "tls")
+    server = ms.MilvusServer(folder / "server", ca=files["ca.pem"], extra={
+        "common.security.tlsMode": 1, "tls.serverPemPath": files["server.pem"],
+        "tls.serverKeyPath": files["server.key"], "tls.caPemPath": files["ca.pem"]})
+    server.start()  # stops the server itself when it does not come up
+    try:
+        yield server, files
+    finally:
+        server.stop()
+
+
+def store_and_find(location: str) -> str:
+    """Open ``location`` for writing, bind, add a row, find it and count it: "ok", or the StoreError's message.
+    Run by ``_in_fresh_interpreter``."""
+    try:
+        with open_gallery(location, write=True) as g:
+            g.bind(MODEL)
+            [rid] = g.add([crop(0)], unit(1))
+            hits = g.search(unit(1), 1)[0]
+            assert [h.id for h in hits] == [rid] and g.count() == 1 and g.get([rid]) == {rid: crop(0)}
+    except StoreError as e:
+        return f"StoreError: {e}"
+    return "ok"
+
+
+def _in_fresh_interpreter(location: str, *envs: dict[str, str]) -> list[tuple[str, float]]:
+    """``store_and_find(location)`` under each environment in turn, in a new Python process: pymilvus shares one
+    connection per address and credentials, whatever its TLS settings, so a connection made here (the server's
+    readiness check) or by an earlier successful case would be reused. Failed connections are not kept."""
+    tests = str(Path(__file__).parent)
+    script = ("import json, os, sys, time; sys.path.insert(0, sys.argv[1]); import test_milvus as t\n"
+              "for env in json.loads(sys.argv[3]):\n"
+              "    os.environ.update(env); start = time.monotonic(); result = t.store_and_find(sys.argv[2])\n"
+              "    print(json.dumps([result, time.monotonic() - start]), flush=True)\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("REID_MILVUS_")}
+    env |= {"REID_MILVUS_USER": "root", "REID_MILVUS_PASSWORD": "Milvus"}
+    proc = subprocess.run([sys.executable, "-c", script, tests, location, json.dumps(envs)], env=env,
+                          capture_output=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+    return [tuple(json.loads(line)) for line in proc.stdout.decode().splitlines()]
+
+
+def test_tls_with_the_ca_file_stores_and_finds_rows(tls_server):
+    server, files = tls_server
+    location = f"milvus://127.0.0.1:{server.port}/tls_gallery"
+    [(result, _)] = _in_fresh_interpreter(location, {"REID_MILVUS_CA": str(files["ca.pem"])})
+    assert result == "ok"
+
+
+def test_tls_servers_refuse_plain_and_unknown_ca_clients_in_one_line(tls_server, tmp_path):
+    server, files = tls_server
+    location = f"milvus://127.0.0.1:{server.port}/tls_refused"
+    cases = [{"REID_MILVUS_TIMEOUT": "3"}, {"REID_MILVUS_CA": str(files["other-ca.pem"])},
+             {"REID_MILVUS_CA": str(tmp_path / "missing.pem")}]  # in turn: plain, a CA that signed nothing, no file
+    results = _in_fresh_interpreter(location, *cases)
+    assert len(results) == 3
+    for result, seconds in results:
+        assert result.startswith("StoreError: ") and location in result and "\n" not in result, result
+        assert seconds < 20, (result, seconds)  # fails fast (REID_MILVUS_TIMEOUT 3), never hangs
+    assert "missing.pem" in results[2][0]
