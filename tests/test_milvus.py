@@ -108,6 +108,22 @@ def test_a_wrong_password_is_one_line_without_the_secret(milvus_server, monkeypa
     assert loc in text and "\n" not in text and "Secret-777" not in text
 
 
+def test_a_token_opens_the_gallery_and_a_wrong_one_is_one_line(milvus_server, monkeypatch):
+    monkeypatch.delenv("REID_MILVUS_USER", raising=False)
+    monkeypatch.delenv("REID_MILVUS_PASSWORD", raising=False)
+    monkeypatch.setenv("REID_MILVUS_TOKEN", "root:Milvus")  # Milvus's user:password token
+    loc = f"milvus://127.0.0.1:{milvus_server.port}/token_gallery"
+    with open_gallery(loc, write=True) as g:
+        g.bind(MODEL)
+        g.add([crop(0)], unit(1))
+        assert g.count() == 1
+    monkeypatch.setenv("REID_MILVUS_TOKEN", "root:wrong-Secret-999")
+    with pytest.raises(StoreError) as e:
+        open_gallery(loc)
+    text = str(e.value)
+    assert loc in text and "\n" not in text and "Secret-999" not in text
+
+
 def test_read_only_opens_refuse_writes_and_missing_collections(location):
     with pytest.raises(GalleryNotFoundError):
         open_gallery(location)
