@@ -166,8 +166,16 @@ def test_lstm_state_flows_from_top_left_and_bottom_right():
     assert bwd[0, 1:, 1:].max() == 0 and bwd[0, 0, 0].max() > 0  # the BR->TL scan only sees it at that cell
 
 
+OPTIMIZERS = {"adam": lambda ps: torch.optim.Adam(ps, lr=0.1),
+              # an L2 term under Adam moves a parameter by about lr per step even where its gradient is zero
+              "adam-l2": lambda ps: torch.optim.Adam(ps, lr=0.1, weight_decay=5e-4),
+              "adamw": lambda ps: torch.optim.AdamW(ps, lr=0.1, weight_decay=0.5),
+              "sgd-l2": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, weight_decay=0.5)}
+
+
+@pytest.mark.parametrize("optimizer", sorted(OPTIMIZERS))
 @pytest.mark.parametrize("directions", [2, 1])
-def test_row_counter_counts_rows_whatever_the_input_and_stays_fixed_under_training(directions):
+def test_row_counter_counts_rows_whatever_the_input_and_stays_fixed_under_training(directions, optimizer):
     from reid.model.spatial_lstm import COUNTER_STEP
 
     torch.manual_seed(0)
@@ -178,8 +186,8 @@ def test_row_counter_counts_rows_whatever_the_input_and_stays_fixed_under_traini
     expected = torch.tanh(rows * COUNTER_STEP).view(1, 5, 1).expand_as(counter)
     assert torch.allclose(counter, expected, atol=1e-6)
     before = [p.detach().clone() for p in lstm.parameters()]
-    opt = torch.optim.Adam(lstm.parameters(), lr=0.1)
-    for _ in range(3):  # Adam moves every parameter with a gradient by about lr per step, however small it is
+    opt = OPTIMIZERS[optimizer](lstm.parameters())
+    for _ in range(3):
         opt.zero_grad()
         lstm(x).sum().backward()
         opt.step()

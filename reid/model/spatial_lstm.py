@@ -12,8 +12,10 @@ are concatenated.
 With ``row_counter`` the last unit of the last scan direction is a fixed positional unit: its gates are
 saturated and its input and recurrent weights zero, so its cell adds ``COUNTER_STEP`` at every step along
 the scan's vertical axis and forgets its left neighbour; its state is tanh(rows from the scan's first edge
-x step), whatever the crop shows. Its own parameters take no gradient (a training step leaves them as they
-are); the attention, and the other units, may read it.
+x step), whatever the crop shows. The forward pass reads the counter's gates from fixed constants, not from
+its slots of the parameters, so no optimizer step can move it (weight decay included: an L2 term under Adam
+moved its 0.02 candidate bias by about lr per step and stopped the count within a few dozen steps); the
+attention, and the other units, may read it.
 """
 
 from __future__ import annotations
@@ -54,11 +56,13 @@ class SpatialLSTM2d(nn.Module):
         self.weight_h = nn.Parameter(torch.empty(directions, 2 * d_h, NUM_GATES * d_h))
         self.bias = nn.Parameter(torch.empty(directions, NUM_GATES * d_h))
         if row_counter:
-            gates = torch.zeros(NUM_GATES * d_h, dtype=torch.bool)
-            gates[[d_h - 1 + g * d_h for g in range(NUM_GATES)]] = True  # the unit within its direction
-            self.register_buffer("_counter_gates", gates, persistent=False)
-            for p in (self.weight_x, self.weight_h, self.bias):
-                p.register_hook(self._freeze_counter)
+            mask = torch.zeros(directions, NUM_GATES * d_h, dtype=torch.bool)
+            mask[-1, [d_h - 1 + g * d_h for g in range(NUM_GATES)]] = True  # the last direction's counter gates
+            fixed = torch.zeros(directions, NUM_GATES * d_h)
+            s = COUNTER_SATURATION
+            fixed[-1, mask[-1]] = torch.tensor([s, s, -s, s, math.atanh(COUNTER_STEP)])
+            self.register_buffer("_counter_mask", mask, persistent=False)
+            self.register_buffer("_counter_bias", fixed, persistent=False)
         self.reset_parameters()
 
     @property
@@ -66,22 +70,26 @@ class SpatialLSTM2d(nn.Module):
         """Index of the row counter in the output channels (the last one), when ``row_counter``."""
         return self.directions * self.d_h - 1
 
-    def _freeze_counter(self, grad: torch.Tensor) -> torch.Tensor:
-        keep = torch.ones_like(grad)
-        keep[-1, ..., self._counter_gates] = 0.0  # the last direction's counter gates, in every row of the tensor
-        return grad * keep
+    def weights(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(weight_x, weight_h, bias) as the scan uses them: with ``row_counter`` the counter's gates are the
+        fixed constants whatever its parameter slots hold (so they take no gradient either)."""
+        if not self.row_counter:
+            return self.weight_x, self.weight_h, self.bias
+        m = self._counter_mask
+        return (self.weight_x.masked_fill(m.unsqueeze(1), 0.0), self.weight_h.masked_fill(m.unsqueeze(1), 0.0),
+                torch.where(m, self._counter_bias.to(self.bias.dtype), self.bias))
 
     @torch.no_grad()
     def reset_counter(self) -> None:
-        """(Re)impose the row counter's parameters (no-op without ``row_counter``)."""
+        """Write the row counter's constants into its parameter slots too, so the saved weights show the unit
+        the scan uses (no-op without ``row_counter``)."""
         if not self.row_counter:
             return
-        d, dh, u = self.directions - 1, self.d_h, self.d_h - 1
-        gates = [u + g * dh for g in range(NUM_GATES)]
-        self.weight_x[d, :, gates] = 0.0
-        self.weight_h[d, :, gates] = 0.0
-        s = COUNTER_SATURATION
-        self.bias[d, gates] = torch.tensor([s, s, -s, s, math.atanh(COUNTER_STEP)], dtype=self.bias.dtype)
+        b = self.weights()[2]
+        m = self._counter_mask.unsqueeze(1)
+        self.weight_x.masked_fill_(m, 0.0)
+        self.weight_h.masked_fill_(m, 0.0)
+        self.bias.copy_(b)
 
     @property
     def out_dim(self) -> int:
@@ -121,7 +129,8 @@ class SpatialLSTM2d(nn.Module):
             seqs.append(flat.flip(1).index_select(1, order_t))
         # Layout [dir, cell (diagonal-major), batch, channel]: one diagonal is a contiguous block.
         xs = torch.stack(seqs).transpose(1, 2).reshape(nd, gh * gw * b, -1)
-        gates_x = torch.baddbmm(self.bias.unsqueeze(1), xs, self.weight_x)  # [nd, L*B, 5*d_h]
+        weight_x, weight_h, bias = self.weights()
+        gates_x = torch.baddbmm(bias.unsqueeze(1), xs, weight_x)  # [nd, L*B, 5*d_h]
 
         # Each diagonal's input gates as one block of a single split: slicing the tensor once per diagonal
         # instead gave every slice a zero-filled gradient of the whole tensor in the backward pass (~80% of
@@ -135,7 +144,7 @@ class SpatialLSTM2d(nn.Module):
             up = state[:, lo - prev_lo : hi - prev_lo + 1]  # rows i-1 of the previous diagonal
             left = state[:, lo - prev_lo + 1 : hi - prev_lo + 2]  # rows i (column j-1)
             rec = torch.cat([up[..., :dh], left[..., :dh]], dim=-1).view(nd, n * b, 2 * dh)
-            gates = torch.baddbmm(gx, rec, self.weight_h)
+            gates = torch.baddbmm(gx, rec, weight_h)
             h, c = self.cell(gates.view(nd, n, b, -1), up[..., dh:], left[..., dh:])
             outs.append(h)
             state = F.pad(torch.cat([h, c], dim=-1), (0, 0, 0, 0, 1, 1))
