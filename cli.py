@@ -673,12 +673,17 @@ def adapt_cmd(
     for _, reason in result.failed:
         err.print(f"[yellow]skipped[/] {reason}", highlight=False)
     summary = {"out": str(result.out), "checkpoint": str(result.checkpoint), "crops": result.crops,
-               "skipped": len(result.failed), "epochs_done": result.epochs_done,
+               "skipped": len(result.failed), "epochs_done": result.epochs_done, "stopped_early": result.stopped_early,
                "last": result.records[-1] if result.records else None}
     if as_json:
         typer.echo(json.dumps(summary))
         return
     last = summary["last"] or {}
+    if result.stopped_early:
+        out.print(f"stopped after epoch {result.epochs_done}: its {last.get('clusters')} clusters (the largest of "
+                  f"{last.get('largest')} of {result.crops} crops) gave nothing to learn, and later epochs would find "
+                  f"the same; try a smaller --eps. {result.checkpoint} is the model as it came in", highlight=False)
+        return
     out.print(f"adapted to {result.crops} crops over {result.epochs_done} epochs: {last.get('clusters')} clusters, "
               f"{last.get('outliers')} outliers; use it with --weights {result.checkpoint}", highlight=False)
 

@@ -109,9 +109,18 @@ def test_an_epoch_whose_largest_cluster_holds_most_crops_learns_nothing(gallery,
     seen = []
     result = adapt(gallery, tmp_path / "run", weights=tiny_ckpt, config=FAST, device="cpu", on_epoch=seen.append)
     crops = len(list(gallery.glob("*.jpg")))
-    assert [(r["clusters"], r["largest"], r["loss"], r["steps"]) for r in seen] == [(2, crops - 3, None, 0)] * 2
+    # ... and stops there: the model did not change, so every later epoch would find the same clusters
+    assert [(r["clusters"], r["largest"], r["loss"], r["steps"]) for r in seen] == [(2, crops - 3, None, 0)]
+    assert result.stopped_early and result.epochs_done == 1 < FAST.epochs
     adapted, original = load_checkpoint(result.checkpoint).state_dict(), load_checkpoint(tiny_ckpt).state_dict()
     assert all(torch.equal(v, original[k]) for k, v in adapted.items())
+
+    from cli import app  # the command says so, and how to change it
+
+    out = CliRunner().invoke(app, ["adapt", str(gallery), "--out", str(tmp_path / "cli"), "--weights", str(tiny_ckpt),
+                                   "--epochs", "3", "--views", "2", "--device", "cpu"])
+    assert out.exit_code == 0, out.output
+    assert "stopped after epoch 1" in out.stdout and "--eps" in out.stdout
 
 
 def test_adapt_resumes_after_an_interruption(gallery, tiny_ckpt, tmp_path):

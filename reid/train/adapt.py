@@ -88,6 +88,7 @@ class AdaptResult:
     failed: list[tuple[str, str]] = field(default_factory=list)
     epochs_done: int = 0
     records: list[dict[str, Any]] = field(default_factory=list)
+    stopped_early: bool = False  # an epoch learned nothing, so every later one would have found the same clusters
 
 
 def clustering(config: AdaptConfig) -> dict[str, Any]:
@@ -363,6 +364,10 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
         records.append(record)
         if on_epoch is not None:
             on_epoch(record)
+        if not record["steps"]:  # the model is as it was, so the next epoch would cluster the same features
+            log.warning("stopping after epoch %d: nothing was learned, and later epochs would find the same "
+                        "clusters", epoch + 1)
+            return AdaptResult(out, run.last, n, failed, epoch + 1, records, stopped_early=True)
     return AdaptResult(out, run.last, n, failed, config.epochs, records)
 
 
