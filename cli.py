@@ -680,9 +680,11 @@ def adapt_cmd(
         return
     last = summary["last"] or {}
     if result.stopped_early:
+        kept = ("holds what the earlier epochs learned" if any(r.get("steps") for r in result.records)
+                else "is the model as it came in")
         out.print(f"stopped after epoch {result.epochs_done}: its {last.get('clusters')} clusters (the largest of "
                   f"{last.get('largest')} of {result.crops} crops) gave nothing to learn, and later epochs would find "
-                  f"the same; try a smaller --eps. {result.checkpoint} is the model as it came in", highlight=False)
+                  f"the same; try a smaller --eps. {result.checkpoint} {kept}", highlight=False)
         return
     out.print(f"adapted to {result.crops} crops over {result.epochs_done} epochs: {last.get('clusters')} clusters, "
               f"{last.get('outliers')} outliers; use it with --weights {result.checkpoint}", highlight=False)

@@ -365,8 +365,8 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
         if on_epoch is not None:
             on_epoch(record)
         if not record["steps"]:  # the model is as it was, so the next epoch would cluster the same features
-            log.warning("stopping after epoch %d: nothing was learned, and later epochs would find the same "
-                        "clusters", epoch + 1)
+            log.info("stopping after epoch %d: nothing was learned, and later epochs would find the same clusters",
+                     epoch + 1)  # the epoch's warning said why; the result says it stopped
             return AdaptResult(out, run.last, n, failed, epoch + 1, records, stopped_early=True)
     return AdaptResult(out, run.last, n, failed, config.epochs, records)
 
