@@ -84,6 +84,10 @@ def test_stripe_pools_split_the_grid_rows():
     f = maps.pooled_features("a", stripes=2)
     assert np.allclose(f, np.array([[1, 0, 0, 1]]) / np.sqrt(2))  # stripes top to bottom, then L2
     assert np.allclose(maps.pooled_features("ab", stripes=2), np.array([[1, 0, 1, 0, 0, 1, 0, 1]]) / 2)
+    assert np.allclose(maps.pooled_features("b"), np.array([[1, 1]]) / np.sqrt(2))  # one stripe: the whole grid
+    for stripes in (1, 2):
+        with pytest.raises(InputError, match="pooled part"):
+            maps.pooled_features("c", stripes)
 
 
 def test_stream_maps_cache_round_trip_and_refuses_other_crops(tmp_path):

@@ -69,22 +69,17 @@ class StreamMaps:
 
         ``stripes`` > 1: the pools of that many horizontal stripes of the grid (``stripe_rows``), each
         stripe's pools normalised as above, concatenated top to bottom and L2-normalised again."""
-        if stripes > 1:
-            return self._stripe_features(part, stripes)
-        ca = self.channels[0]
-        pa, pb = _unit(self.pooled[:, :ca]), _unit(self.pooled[:, ca:])
-        if part == "a":
-            return pa
-        if part == "b":
-            return pb
-        if part == "ab":
-            return _unit(np.concatenate([pa, pb], axis=1))
-        raise InputError(f"pooled part must be 'a', 'b' or 'ab', not {part!r}")
-
-    def _stripe_features(self, part: str, stripes: int, chunk: int = 512) -> np.ndarray:
         names = {"a": ("a",), "b": ("b",), "ab": ("a", "b")}.get(part)
         if names is None:
             raise InputError(f"pooled part must be 'a', 'b' or 'ab', not {part!r}")
+        if stripes > 1:
+            return self._stripe_features(names, stripes)
+        ca = self.channels[0]
+        columns = {"a": slice(None, ca), "b": slice(ca, None)}
+        pools = [_unit(self.pooled[:, columns[name]]) for name in names]
+        return pools[0] if len(pools) == 1 else _unit(np.concatenate(pools, axis=1))
+
+    def _stripe_features(self, names: tuple[str, ...], stripes: int, chunk: int = 512) -> np.ndarray:
         rows = stripe_rows(int(self.a.shape[2]), stripes)
         out = []
         for s in range(0, len(self), chunk):
