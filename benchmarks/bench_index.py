@@ -2,9 +2,11 @@
 
 Three parts, each against a baseline measured in the same run:
   1. index: ``index_folder`` end to end (walk, hash, decoding, model, SQLite commits per batch,
-     FAISS save) in images/s, against the model alone on pre-decoded tensors (target >= 85%), with
-     the default decoding workers (``auto``) and with 2 worker processes, in ``--rounds`` paired
-     rounds. Also `reid index` from the shell (start-up and model load included), for orientation.
+     FAISS save) in images/s, against the same runtime's model alone on pre-decoded crops (target
+     >= 85%), per ``--runtimes`` (torch: also with 2 decoding worker processes; onnx / openvino: the
+     model's checked export from the cache, what `reid index --runtime auto` embeds with on a CPU),
+     in ``--rounds`` paired rounds. Also `reid index` from the shell (start-up and model load
+     included), for orientation.
   2. query: an index of ``--rows`` synthetic clustered vectors inserted through the store; search
      alone per single query (target <= 10 ms) against ``faiss.IndexFlatIP.search`` on the same
      vectors (the BLAS-threshold trap); the same search leaving out the query's camera (the filter
@@ -117,11 +119,13 @@ def timed_shell(args: list[str], repeats: int) -> list[float]:
 # --- parts -------------------------------------------------------------------------------------
 
 
-def bench_index(work: Path, n_images: int, rounds: int, rows: list) -> None:
-    import torch
-
+def bench_index(work: Path, n_images: int, rounds: int, rows: list, runtimes: list[str]) -> None:
+    """``index_folder`` end to end against the same runtime's model alone, per runtime (torch: the fused
+    network; onnx / openvino: the model's checked export from the cache, what ``reid index --runtime auto``
+    embeds with on a CPU)."""
+    from reid import engine
     from reid.embed import embed_arrays, model_input_size
-    from reid.images import decode_image, preprocess
+    from reid.images import decode_image, preprocess, resize_crop
     from reid.index import index_folder
     from reid.model import build_model, model_fingerprint
     from reid.model.identity import ModelRef
@@ -129,47 +133,71 @@ def bench_index(work: Path, n_images: int, rounds: int, rows: list) -> None:
 
     paths = write_crops(work / "gallery", n_images)
     model = build_model()
+    fp = model_fingerprint(model)
     size = model_input_size(model)
     batch = np.stack([preprocess(decode_image(p), size) for p in paths])
-    embed_arrays(model, batch[:32], batch_size=32)  # warm-up
-    # Paired rounds (model alone, then end to end with each decoding set-up, on the same crops): the
-    # CPU is shared and drifts, so the ratio is taken within each round and the median is reported.
-    from reid.embed import auto_workers
+    crops = np.stack([resize_crop(decode_image(p), size) for p in paths])  # uint8, what the exports take
+    embedders = {"torch": model}
+    for rt in runtimes:
+        if rt != "torch":
+            embedders[rt] = engine.ensure_exported(model, fp, rt)
 
-    setups = {"auto": None, "2": 2}
-    ratios: dict[str, list[float]] = {k: [] for k in setups}
-    speeds: dict[str, list[float]] = {k: [] for k in setups}
-    alone = []
+    def alone(rt: str) -> None:
+        if rt == "torch":
+            embed_arrays(model, batch, batch_size=32)
+        else:
+            for s in range(0, len(crops), 32):
+                embedders[rt].embed_batch(crops[s : s + 32])
+
+    # Each runtime's end-to-end run set against its own model-alone speed, taken right before it in the same
+    # round: the CPU is shared and drifts, so the ratio is taken within each round and the median reported.
+    setups = [(rt, None) for rt in runtimes] + ([("torch", 2)] if "torch" in runtimes else [])
+    ratios: dict[tuple, list[float]] = {k: [] for k in setups}
+    speeds: dict[tuple, list[float]] = {k: [] for k in setups}
+    alone_speed: dict[str, list[float]] = {rt: [] for rt in runtimes}
+    for rt in runtimes:
+        alone(rt)  # warm-up
     for round_ in range(rounds):
-        t = time.perf_counter()
-        embed_arrays(model, batch, batch_size=32)
-        m = n_images / (time.perf_counter() - t)
-        alone.append(m)
-        for name, workers in setups.items():
-            idx = work / f"index-{round_}-{name}"
+        for rt, workers in setups:
+            t = time.perf_counter()
+            alone(rt)
+            m = n_images / (time.perf_counter() - t)
+            alone_speed[rt].append(m)
+            idx = work / f"index-{round_}-{rt}-{workers}"
             shutil.rmtree(idx, ignore_errors=True)  # a kept --workdir must not turn this into a no-op run
             with open_gallery(idx, write=True) as store:
-                store.bind(ModelRef("default", model_fingerprint(model), model.embed_dim))
+                store.bind(ModelRef("default", fp, model.embed_dim))
                 t = time.perf_counter()
-                report = index_folder(store, model, work / "gallery", batch_size=32, workers=workers)
+                report = index_folder(store, embedders[rt], work / "gallery", batch_size=32, workers=workers)
                 e = n_images / (time.perf_counter() - t)
             assert report.added == n_images, report
-            ratios[name].append(e / m)
-            speeds[name].append(e)
-    rows.append(("index", f"model alone, {n_images} crops, batch 32 (median of {rounds})",
-                 f"{statistics.median(alone):.1f} img/s", "baseline", ""))
-    for name in setups:
-        ratio = statistics.median(ratios[name])
-        label = (f"default workers (auto = {auto_workers(torch.device('cpu'))} here)" if name == "auto"
-                 else f"{name} decoding workers")
-        rows.append(("index", f"index_folder end to end, {label}", f"{statistics.median(speeds[name]):.1f} img/s",
-                     ">= 85% of model" if name == "auto" else "", f"{ratio:.0%} {'ok' if ratio >= 0.85 else 'MISS'} "
-                     f"(rounds {', '.join(f'{r:.0%}' for r in ratios[name])})"))
+            ratios[(rt, workers)].append(e / m)
+            speeds[(rt, workers)].append(e)
+    _index_rows(rows, n_images, runtimes, setups, alone_speed, speeds, ratios)
     shutil.rmtree(work / "index-cli", ignore_errors=True)
     shell = timed_shell([sys.executable, "cli.py", "index", str(work / "gallery"), "--index", str(work / "index-cli"),
                          "--batch-size", "32", "--json"], 1)[0]
-    rows.append(("index", "`reid index` from the shell (start-up included)", f"{n_images / shell:.1f} img/s",
-                 "orientation", f"{shell:.1f} s"))
+    rows.append(("index", "`reid index` from the shell (start-up included, --runtime auto)",
+                 f"{n_images / shell:.1f} img/s", "orientation", f"{shell:.1f} s"))
+
+
+def _index_rows(rows: list, n_images: int, runtimes: list[str], setups: list, alone_speed: dict, speeds: dict,
+                ratios: dict) -> None:
+    import torch
+
+    from reid.embed import auto_workers
+
+    for rt in runtimes:
+        rows.append(("index", f"{rt}: model alone, {n_images} crops, batch 32 (median of {len(alone_speed[rt])})",
+                     f"{statistics.median(alone_speed[rt]):.1f} img/s", "baseline", ""))
+        for key in [k for k in setups if k[0] == rt]:
+            ratio = statistics.median(ratios[key])
+            label = (f"default workers (auto = {auto_workers(torch.device('cpu'))} here)" if key[1] is None
+                     else f"{key[1]} decoding workers")
+            rows.append(("index", f"{rt}: index_folder end to end, {label}",
+                         f"{statistics.median(speeds[key]):.1f} img/s", ">= 85% of model" if key[1] is None else "",
+                         f"{ratio:.0%} {'ok' if ratio >= 0.85 else 'MISS'} "
+                         f"(rounds {', '.join(f'{r:.0%}' for r in ratios[key])})"))
 
 
 def _query_index(idx: Path, n_rows: int, vecs: np.ndarray, cams: np.ndarray, rows: list) -> None:
@@ -348,6 +376,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--parts", default="index,query,ann", help="comma-separated: index, query, ann")
     ap.add_argument("--images", type=int, default=320, help="crops for the index throughput part")
+    ap.add_argument("--runtimes", default="torch,onnx", help="index part: comma-separated torch, onnx, openvino")
     ap.add_argument("--rows", type=int, default=100_000, help="rows of the query-latency index")
     ap.add_argument("--rounds", type=int, default=5, help="paired rounds of the index part")
     ap.add_argument("--repeats", type=int, default=7, help="shell runs of `reid query` (each paired with a floor)")
@@ -367,7 +396,7 @@ def main() -> None:
         work = args.workdir or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
         if "index" in parts:
-            bench_index(work / "index", args.images, args.rounds, rows)
+            bench_index(work / "index", args.images, args.rounds, rows, args.runtimes.split(","))
         if "query" in parts:
             bench_query(work / "query", args.rows, args.repeats, rows)
         if "ann" in parts:
