@@ -165,8 +165,15 @@ def main() -> None:
         a = agreement(ref, emb)
         print(f"{mode:<30} {a['cos_min']:8.5f} {a['cos_mean']:9.5f} {a['top1']:7.1%} {a['top5']:10.1%} "
               f"{a['full']:7.1%}")
-    print("\nrule: a faster mode is used only with cos min >= 0.999 and unchanged rankings; `--runtime auto` takes\n"
-          "ONNX Runtime on a CPU (reid.engine: it must also match torch to cosine 0.9999 on its check crops)")
+    bulk = {"torch": "ours fused fp32 (torch)", "onnx": "ours ONNX Runtime fp32", "openvino": "ours OpenVINO f32"}
+    speed = {rt: ips for batch, k, ips, *_ in rows for rt, name in bulk.items() if k == name and batch == args.batch}
+    single = {rt: ips for batch, k, ips, *_ in rows for rt, name in bulk.items() if k == name and batch == 1}
+    print("\nrule: a faster mode is used only with cos min >= 0.999 and unchanged rankings (an export must also\n"
+          "match torch to cosine 0.9999 and the same top-5 on its check crops before it is used). `--runtime auto`\n"
+          f"on a CPU: bulk work (reid index, evaluate) takes the fastest at batch 32, measured once per model and\n"
+          f"machine by reid.engine.bulk_runtime; in this table that is {max(speed, key=speed.get)}. One-shot queries\n"
+          f"take ONNX Runtime (no torch import; batch 1 here: {', '.join(f'{k} {v:.0f}' for k, v in single.items())}"
+          " img/s).")
     shutil.rmtree(tmp, ignore_errors=True)
 
 

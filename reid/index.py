@@ -461,8 +461,8 @@ def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights
 
     ``weights=None`` uses the model the gallery was built with (the default model for a new one).
     ``runtime``: torch, or the model's export on ONNX Runtime / OpenVINO (``reid.engine``; ``auto`` takes
-    ONNX Runtime on a CPU). The export is made, checked against torch and cached here, so every later
-    ``reid query`` on this gallery runs without torch. ``footage``: how people are found in videos.
+    the fastest on a CPU, ``engine.bulk_runtime``). The ONNX export is made, checked against torch and cached
+    here, so every later ``reid query`` on this gallery runs without torch. ``footage``: how people are found in videos.
     ``progress(done, total)`` counts crop files, ``frame_progress`` video frames. ``crop_embedder(ref)``: given
     the gallery's ``ModelRef``, what decodes and embeds the crop files in place of ``reid.embed.embed_paths``
     (``reid.distributed``: Ray Data); the planning and the writes stay here, footage is read in this process.
@@ -481,8 +481,8 @@ def build_index(gallery: str | os.PathLike, index: str | os.PathLike, *, weights
         source = model_source(weights) if weights is not None else (built_with.source if built_with else DEFAULT_SOURCE)
         model, ref = ModelRef.load(source, dev)
         store.bind(ref, kind=kind, rebuild=rebuild)
-        if not use_torch:
-            model = engine.ensure_exported(model, ref.fingerprint, engine.exported_runtime(runtime))
+        if not use_torch:  # auto: the fastest runtime here, measured once per model and machine
+            model = engine.bulk_embedder(model, ref.fingerprint, runtime)
         t0 = time.perf_counter()
         report = IndexReport()
         if found.crops or (prune and root.is_dir()):

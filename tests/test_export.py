@@ -189,3 +189,52 @@ def test_the_cache_keeps_an_optimised_copy_and_drops_a_damaged_one(small, caplog
     assert "unreadable optimised copy" in caplog.text
     assert np.allclose(third.embed_images(crops), before, atol=1e-6)
     assert [p.stat().st_size > 100 for p in engine.export_path(fp, "onnx").parent.glob("model.ort-*.onnx")] == [True]
+
+
+def test_auto_measures_the_bulk_runtime_once_per_machine_and_keeps_the_answer(monkeypatch, caplog):
+    pytest.importorskip("openvino")
+    model = build_model(ModelConfig(**{**SMALL.__dict__, "embed_dim": 12}))  # a fingerprint of its own
+    fp = model_fingerprint(model)
+    slot = engine.export_path(fp, "onnx").parent
+    speeds = {"torch": 50.0, "onnx": 90.0, "openvino": 70.0}
+    measured = []
+
+    def measure(embedders, crops, rounds):
+        measured.append(sorted(embedders))
+        for embed in embedders.values():  # every candidate really runs
+            assert embed(crops).shape == (len(crops), 12)
+        return {name: speeds[name] for name in embedders}
+
+    monkeypatch.setattr(engine, "_measure", measure)
+    with caplog.at_level(logging.INFO, logger="reid.engine"):
+        chosen = engine.bulk_runtime(model, fp)
+    assert chosen == "onnx" and "runtime auto for bulk embedding on this machine: onnx" in caplog.text
+    assert measured == [sorted(["torch", "onnx", "openvino"])]  # both exports made (each checked against torch)
+    (entry,) = json.loads((slot / engine.CHOICE_FILE).read_text()).values()
+    assert entry["runtime"] == "onnx" and entry["crops_per_s"] == speeds
+
+    speeds.update(onnx=10.0)  # the answer is kept: later runs measure nothing
+    assert engine.bulk_runtime(model, fp) == "onnx" and len(measured) == 1
+    assert engine.bulk_embedder(model, fp, "auto").runtime == "onnx"
+
+    (slot / engine.CHOICE_FILE).write_text("{not json")  # a damaged record is measured again
+    assert engine.bulk_runtime(model, fp) == "openvino" and len(measured) == 2
+    speeds.update(torch=100.0)
+    (slot / engine.CHOICE_FILE).unlink()
+    assert engine.bulk_embedder(model, fp, "auto") is model  # torch: the model itself ...
+    assert (slot / "model.onnx").is_file()  # ... and the ONNX export kept for `reid query`
+    assert engine.bulk_embedder(model, fp, "openvino").runtime == "openvino"  # an explicit runtime: no measuring
+    assert len(measured) == 3
+
+
+def test_the_measured_choice_is_per_machine(monkeypatch):
+    model = build_model(ModelConfig(**{**SMALL.__dict__, "embed_dim": 10}))
+    fp = model_fingerprint(model)
+    slot = engine.export_path(fp, "onnx").parent
+    slot.mkdir(parents=True, exist_ok=True)
+    (slot / engine.CHOICE_FILE).write_text(json.dumps({"another machine": {"runtime": "openvino"}}))
+    monkeypatch.setattr(engine, "_machine", lambda threads: "this machine")
+    got = engine.bulk_runtime(model, fp, rounds=1)  # not the other machine's answer: measured here, for real
+    record = json.loads((slot / engine.CHOICE_FILE).read_text())
+    assert set(record) == {"another machine", "this machine"} and record["this machine"]["runtime"] == got
+    assert all(v > 0 for v in record["this machine"]["crops_per_s"].values())

@@ -132,9 +132,9 @@ def embed(model, fingerprint: str, datasets: list[tuple[int | None, Dataset]], o
     paths = [str(s.path) for _, d in datasets for s in (*d.query, *d.gallery)]
     device = options.device
     if not engine.wants_torch(options.runtime, device):
-        fmt = engine.exported_runtime(options.runtime)
-        model, device = engine.ensure_exported(model, fingerprint, fmt), "cpu"
-        fingerprint = f"{fingerprint}+{fmt}"  # its features agree with torch's to 1e-4, not bit for bit: own entries
+        model, device = engine.bulk_embedder(model, fingerprint, options.runtime), "cpu"
+        if isinstance(model, engine.ExportedEmbedder):  # its features agree with torch's to 1e-4, not bit for bit
+            fingerprint = f"{fingerprint}+{model.runtime}"  # so they have cache entries of their own
     return embed_files(model, paths, fingerprint=fingerprint, flip=options.flip, batch_size=options.batch_size,
                        workers=options.workers, device=resolve_device(device), use_cache=options.use_cache,
                        progress=progress)
