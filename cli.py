@@ -653,7 +653,10 @@ def adapt_cmd(
     views: int | None = typer.Option(None, "--views", min=1, help="Cached views per crop, the clean one included [4]."),
     camera_aware: bool | None = typer.Option(
         None, "--camera-aware/--no-camera-aware",
-        help="One proxy per cluster and camera (cameras from Market-style names)."),
+        help="Use the cameras (from Market-style names): cluster with each camera's mean feature taken away, and "
+             "one proxy per cluster and camera."),
+    fine_tune: bool = typer.Option(False, "--fine-tune", help="Train the CNN streams too (no stream cache; about "
+                                   "10x slower on a CPU, better adapted)."),
     seed: int | None = typer.Option(None, "--seed", min=0, help="Seed of views and sampling [0]."),
     device: DeviceName = typer.Option(DeviceName.auto, "--device"),
     as_json: bool = typer.Option(False, "--json", help="Print the result as one JSON document on stdout."),
@@ -666,7 +669,8 @@ def adapt_cmd(
     from reid.train.adapt import AdaptConfig, adapt
 
     changes = {k: v for k, v in dict(epochs=epochs, eps=eps, min_samples=min_samples, views=views,
-                                     camera_aware=camera_aware, seed=seed).items() if v is not None}
+                                     camera_aware=camera_aware, centre_cameras=camera_aware, seed=seed,
+                                     fine_tune=fine_tune or None).items() if v is not None}
     config = dataclasses.replace(AdaptConfig(), **changes)
     bar, on_epoch, on_progress = adapt_progress(err)
     with bar:

@@ -10,7 +10,9 @@ trained or tuned on it. Every row is measured in the same run on the same crops:
   streams A+B       both streams average-pooled, each L2-normalised, concatenated
   seeded head       ``build_model(trained_head=False)``: the head before ``reid.train.distill`` fitted it
   default model     ``reid.model.build_model()`` embeddings through ``reid.embed.embed_paths``
-  + reid adapt      ``reid.train.adapt`` from the default on the table's own crops, labels hidden
+  + reid adapt      ``reid.train.adapt`` from the default on the table's own crops, labels hidden (synthetic
+                    table: on its training crops, and on the crops searched, query + gallery; ``--fine-tune``
+                    also with the streams trained)
   + adapt on index  (``--footage-adapt``) the analyst's way: ``reid index vtest.avi`` (detector, tracker),
                     then ``reid adapt`` on that index: every person it found, each tracklet one cluster
   + reid train      (synthetic table) ``reid.train.train`` with labels, default recipe
@@ -26,16 +28,18 @@ more rows (trained checkpoints, ``reid adapt``) can be added to ``rows()``. Metr
 (``reid.evaluation.evaluate_features``; query camera 1, gallery camera 2, distractors identity 0).
 
 A second table does the same on a synthetic Market-1501 (``reid.synthetic``, a world seed of its own):
-``reid adapt`` on its training crops with the labels hidden (cameras from the names) and ``reid train``
-on them with the labels.
+``reid adapt`` with the labels hidden (cameras from the names) on its training crops and on the crops
+searched (query + gallery, as an analyst adapts to the footage searched), and ``reid train`` on the
+training crops with the labels.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_quality.py [--data DIR] [--stride N] [--adapt-epochs N]
-        [--synthetic-ids N] [--train-epochs N] [--skip-vtest] [--footage-adapt]
+        [--synthetic-ids N] [--train-epochs N] [--skip-vtest] [--footage-adapt] [--fine-tune]
 """
 
 from __future__ import annotations
 
 import argparse
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -124,14 +128,15 @@ def rows(model: torch.nn.Module, extra: Sequence[tuple[str, torch.nn.Module]] = 
     ]
 
 
-def adapt_to(folder: Path, out: Path, epochs: int, camera_aware: bool) -> torch.nn.Module:
+def adapt_to(folder: Path, out: Path, epochs: int, camera_aware: bool, fine_tune: bool = False) -> torch.nn.Module:
     """``reid adapt`` from the default model on every crop under ``folder``, labels hidden; a finished run
     in ``out`` is reused."""
     from reid.model import load_checkpoint
     from reid.train.adapt import AdaptConfig, adapt
 
     t = time.perf_counter()
-    result = adapt(folder, out, config=AdaptConfig(epochs=epochs, camera_aware=camera_aware), device="cpu",
+    config = AdaptConfig(epochs=epochs, camera_aware=camera_aware, centre_cameras=camera_aware, fine_tune=fine_tune)
+    result = adapt(folder, out, config=config, device="cpu",
                    on_epoch=lambda r: print(f"  adapt epoch {r['epoch']}: {r['clusters']} clusters, "
                                             f"{r['outliers']} outliers, loss {r['loss']}", flush=True))
     print(f"reid adapt: {result.crops} crops, {result.epochs_done} epochs, {time.perf_counter() - t:.0f} s")
@@ -200,7 +205,8 @@ def evaluate(ts: TrackletSet, model: torch.nn.Module,
     return results
 
 
-def synthetic_market(work: Path, model: torch.nn.Module, *, ids: int, adapt_epochs: int, train_epochs: int) -> None:
+def synthetic_market(work: Path, model: torch.nn.Module, *, ids: int, adapt_epochs: int, train_epochs: int,
+                     fine_tune: bool = False) -> None:
     """The second table: a synthetic Market-1501 (``reid.synthetic``, its own world seed), every row on its
     query x gallery; ``reid adapt`` on the training crops with their labels hidden (cameras from the names:
     camera-aware proxies), ``reid train`` on them with labels and the default recipe."""
@@ -218,8 +224,22 @@ def synthetic_market(work: Path, model: torch.nn.Module, *, ids: int, adapt_epoc
     extra = []
     if adapt_epochs:
         train_dir = Path(ds.train[0].path).parent
-        extra.append((f"default + reid adapt ({adapt_epochs} ep, no labels)",
-                      adapt_to(train_dir, work / f"adapt-v2-{ids}-{adapt_epochs}", adapt_epochs, camera_aware=True)))
+        extra.append((f"+ reid adapt on train ({adapt_epochs} ep)",
+                      adapt_to(train_dir, work / f"adapt-v3-{ids}-{adapt_epochs}", adapt_epochs, camera_aware=True)))
+        # The analyst's way, as in the vtest table: adapt to the crops searched (query + gallery), labels hidden.
+        searched = work / f"market-{ids}-searched"
+        for sample in (*ds.query, *ds.gallery):
+            dest = searched / Path(sample.path).parent.name / Path(sample.path).name
+            if not dest.exists():
+                dest.parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(sample.path, dest)
+        extra.append((f"+ reid adapt on searched ({adapt_epochs} ep)",
+                      adapt_to(searched, work / f"adapt-searched-{ids}-{adapt_epochs}", adapt_epochs,
+                               camera_aware=True)))
+        if fine_tune:
+            extra.append((f"+ adapt --fine-tune on searched ({adapt_epochs})",
+                          adapt_to(searched, work / f"adapt-searched-ft-{ids}-{adapt_epochs}", adapt_epochs,
+                                   camera_aware=True, fine_tune=True)))
     if train_epochs:
         t = time.perf_counter()
         run = work / f"train-{ids}-{train_epochs}"
@@ -252,6 +272,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--work", type=Path, default=Path.home() / ".cache" / "reid-bench" / "synthetic",
                         help="folder of the synthetic table's data and runs (reused; default %(default)s)")
     parser.add_argument("--skip-vtest", action="store_true", help="only the synthetic table")
+    parser.add_argument("--fine-tune", action="store_true",
+                        help="synthetic table: also `reid adapt --fine-tune` on the searched crops (streams trained)")
     parser.add_argument("--footage-adapt", action="store_true",
                         help="also a row adapted on `reid index vtest.avi --stride 2` (tracklets as must-links)")
     args = parser.parse_args(argv)
@@ -267,7 +289,7 @@ def main(argv: list[str] | None = None) -> None:
         vtest_table(args, model)
     if args.synthetic_ids:
         synthetic_market(args.work, model, ids=args.synthetic_ids, adapt_epochs=args.adapt_epochs,
-                         train_epochs=args.train_epochs)
+                         train_epochs=args.train_epochs, fine_tune=args.fine_tune)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
 
 

@@ -46,6 +46,31 @@ def test_the_automatic_radius_follows_the_distances():
     assert cluster_features(x, eps=0.4, k1=5, k2=2, min_samples=3).eps == 0.4
 
 
+def test_each_cameras_mean_is_taken_away_before_clustering():
+    from reid.train.pseudo_labels import centre_cameras
+
+    rng = np.random.default_rng(0)
+    ids, cams, per, dim = 4, 3, 3, 16
+    person, camera = rng.standard_normal((ids, dim)), 3.0 * rng.standard_normal((cams, dim))
+    pid, cam = np.repeat(np.arange(ids), cams * per), np.tile(np.repeat(np.arange(cams), per), ids)
+    x = person[pid] + camera[cam] + 0.05 * rng.standard_normal((len(pid), dim))
+    x = (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)  # a camera's cast outweighs the person
+
+    def purity(labels, truth):
+        return all(len(set(truth[labels == c])) == 1 for c in range(labels.max() + 1))
+
+    raw = cluster_features(x, eps=0.5, k1=8, k2=2, min_samples=2)
+    assert purity(raw.labels, cam) and not purity(raw.labels, pid)  # the crops group by camera ...
+    centred = cluster_features(x, eps=0.5, k1=8, k2=2, min_samples=2, cameras=cam + 1)
+    assert centred.num_clusters == ids and centred.num_outliers == 0 and purity(centred.labels, pid)  # ... or person
+    c = centre_cameras(x, cam)
+    assert np.allclose(np.linalg.norm(c, axis=1), 1, atol=1e-5)
+    one = cluster_features(x, eps=0.5, k1=8, k2=2, min_samples=2, cameras=np.ones(len(x), int))
+    assert np.array_equal(one.labels, raw.labels)  # one camera: nothing between cameras to take away
+    lonely = centre_cameras(x[: per + 1], np.array([0] * per + [1]))  # a camera's only crop is left as it is
+    assert np.allclose(lonely[-1], x[per]) and np.isfinite(lonely).all()
+
+
 def test_tracklets_are_must_links():
     x, truth = blobs(ids=4, per=5)
     tracks = np.full(len(x), -1)
@@ -95,6 +120,22 @@ def test_adapt_end_to_end_writes_a_usable_checkpoint(gallery, tiny_ckpt, tmp_pat
     changed = [k for k, v in adapted.state_dict().items() if not torch.equal(v, original.state_dict()[k])]
     assert changed and all(not k.startswith(("stream_a.", "stream_b.")) for k in changed)  # streams frozen
     assert (tmp_path / "run" / "adapt.jsonl").read_text().count("\n") == 2
+
+
+def test_fine_tuning_trains_the_streams_too_without_a_stream_cache(gallery, tiny_ckpt, tmp_path):
+    from dataclasses import replace
+
+    config = replace(FAST, fine_tune=True)
+    result = adapt(gallery, tmp_path / "run", weights=tiny_ckpt, config=config, device="cpu")
+    assert result.epochs_done == 2 and all(r["steps"] > 0 for r in result.records)
+    adapted, original = load_checkpoint(result.checkpoint).state_dict(), load_checkpoint(tiny_ckpt).state_dict()
+    changed = {k.split(".")[0] for k, v in adapted.items() if not torch.equal(v, original[k])}
+    assert {"stream_a", "stream_b"} <= changed and len(changed) > 2  # the streams and the head
+    assert not (tmp_path / "run" / "cache").exists()
+    again = adapt(gallery, tmp_path / "run", weights=tiny_ckpt, config=config, device="cpu")  # finished: kept
+    assert again.epochs_done == 2 and len(again.records) == 2
+    with pytest.raises(InputError, match="other crops or settings"):  # head-only settings are another run
+        adapt(gallery, tmp_path / "run", weights=tiny_ckpt, config=FAST, device="cpu")
 
 
 def test_an_epoch_whose_largest_cluster_holds_most_crops_learns_nothing(gallery, tiny_ckpt, tmp_path, monkeypatch):
