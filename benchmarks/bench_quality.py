@@ -143,7 +143,7 @@ def adapt_to(folder: Path, out: Path, epochs: int, camera_aware: bool, fine_tune
     return load_checkpoint(result.checkpoint)
 
 
-def adapt_on_index(data: Path, video: Path, epochs: int) -> torch.nn.Module:
+def adapt_on_index(data: Path, video: Path, epochs: int, fine_tune: bool = False) -> torch.nn.Module:
     """``reid index VIDEO --stride 2`` into ``data/footage-index`` (kept), then ``reid adapt`` on that index:
     the people the detector and tracker found, a tracklet's crops one cluster (must-links)."""
     from reid.index import FootageOptions, build_index
@@ -153,7 +153,8 @@ def adapt_on_index(data: Path, video: Path, epochs: int) -> torch.nn.Module:
     report = build_index(video, index, device="cpu", footage=FootageOptions(stride=2))
     print(f"reid index {video.name} --stride 2: {report.people} people in {report.tracklets} tracklets "
           f"({report.videos_unchanged} video(s) already indexed), {time.perf_counter() - t:.0f} s")
-    return adapt_to(index, data / f"adapt-index-vote-{epochs}", epochs, camera_aware=False)
+    return adapt_to(index, data / f"adapt-index-vote-{'ft-' if fine_tune else ''}{epochs}", epochs,
+                    camera_aware=False, fine_tune=fine_tune)
 
 
 def evaluate_cooccurring(qf: np.ndarray, gf: np.ndarray, ts: TrackletSet, max_rank: int = 10) -> dict:
@@ -273,7 +274,8 @@ def main(argv: list[str] | None = None) -> None:
                         help="folder of the synthetic table's data and runs (reused; default %(default)s)")
     parser.add_argument("--skip-vtest", action="store_true", help="only the synthetic table")
     parser.add_argument("--fine-tune", action="store_true",
-                        help="synthetic table: also `reid adapt --fine-tune` on the searched crops (streams trained)")
+                        help="also `reid adapt --fine-tune` (streams trained) on the synthetic table's searched crops "
+                             "and, with --footage-adapt, on the vtest index")
     parser.add_argument("--footage-adapt", action="store_true",
                         help="also a row adapted on `reid index vtest.avi --stride 2` (tracklets as must-links)")
     args = parser.parse_args(argv)
@@ -312,6 +314,9 @@ def vtest_table(args: argparse.Namespace, model: torch.nn.Module) -> None:
     if args.footage_adapt and args.adapt_epochs:
         extra.append((f"default + adapt on its index ({args.adapt_epochs} ep)",
                       adapt_on_index(Path(args.data), Path(s["video"]), args.adapt_epochs)))
+        if args.fine_tune:
+            extra.append((f"+ adapt --fine-tune on its index ({args.adapt_epochs})",
+                          adapt_on_index(Path(args.data), Path(s["video"]), args.adapt_epochs, fine_tune=True)))
     results = evaluate(ts, model, extra)
     co, al = results[0]["co"], results[0]["all"]
     print(f"\nA: each query track against the tracks on screen with it (certain negatives; {co['valid']} queries, "

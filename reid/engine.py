@@ -289,7 +289,8 @@ def bulk_runtime(model, fingerprint: str, *, batch: int = 32, rounds: int = 3) -
     except (OSError, ValueError):
         known = {}
     known = known if isinstance(known, dict) else {}
-    chosen = (known.get(machine) or {}).get("runtime") if isinstance(known.get(machine), dict) else None
+    entry = known.get(machine)
+    chosen = entry.get("runtime") if isinstance(entry, dict) else None
     if chosen == "torch" or (chosen in FILES and _installed(chosen)):
         return chosen
     from reid.embed import embed_batch
@@ -298,8 +299,14 @@ def bulk_runtime(model, fingerprint: str, *, batch: int = 32, rounds: int = 3) -
     crops = np.random.default_rng(0).integers(0, 256, (batch, h, w, 3), dtype=np.uint8)
     embedders = {"torch": lambda x: embed_batch(model, x, device=torch.device("cpu"))}
     for fmt in FILES:
-        if _installed(fmt):  # made and checked against torch here when missing
+        if not _installed(fmt):
+            continue
+        try:  # made and checked against torch here when missing
             embedders[fmt] = ensure_exported(model, fingerprint, fmt).embed_batch
+        except (CheckpointError, RuntimeError) as e:
+            if fmt == "onnx":  # `reid query` needs it: a failure here is the command's error, as without auto
+                raise
+            log.warning("runtime auto leaves out %s: %s", fmt, e)
     speed = _measure(embedders, crops, rounds)
     best = max(speed, key=speed.get)
     log.info("runtime auto for bulk embedding on this machine: %s (crops/s at batch %d: %s)", best, batch,
