@@ -72,7 +72,7 @@ class AdaptConfig:
     # settings below); see ``pseudo_labels.centre_cameras``.
     centre_cameras: bool = True
     # Train the CNN streams too: no stream cache, every step runs them forward and backward on fresh
-    # augmentations (~10x the time of head-only epochs on a CPU). On the seed-23 selection world with the
+    # augmentations (6-11x the time of head-only epochs on a CPU). On the seed-23 selection world with the
     # true identities as clusters, 12 epochs: 0.463 -> 0.821 mAP fine-tuned, 0.582 head-only.
     fine_tune: bool = False
     seed: int = 0

@@ -69,7 +69,8 @@ def centre_cameras(features: np.ndarray, cameras: np.ndarray) -> np.ndarray:
     """``features`` [N, D] with each camera's mean feature taken away, rows L2-normalised again.
 
     What a camera adds to every crop it sees (its light, colour cast, background, viewpoint) is in its
-    mean; without it, neighbours are found across cameras rather than among one camera's crops. On a
+    mean; with that taken away, a crop's neighbours are found across cameras, not only among its own
+    camera's crops. On a
     synthetic selection world (seed 23: 334 crops of 40 people in 6 camera styles, shipped head) the
     nearest crop in another camera is the same person for 88% of crops (85% before), and DBSCAN at radius
     0.5, k1 10, 2 samples makes clusters whose same-cluster pairs are 65% right and catch 74% of each
