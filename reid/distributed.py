@@ -110,8 +110,16 @@ def start_local(ray, num_cpus: int | None = None) -> None:
     """Start a local Ray cluster on loopback (``import_ray(local=True)`` first)."""
     _keep_on_loopback()
     log.info("starting a local Ray cluster (%s CPUs)", num_cpus or "all")
-    ray.init(address=_LOCAL, num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
-             log_to_driver=False, configure_logging=False)
+    for attempt in (1, 2):  # Ray gives its raylet a fixed 30 s to register, which a busy machine can miss
+        try:
+            ray.init(address=_LOCAL, num_cpus=num_cpus, include_dashboard=False, _node_ip_address="127.0.0.1",
+                     log_to_driver=False, configure_logging=False)
+            return
+        except Exception as e:  # noqa: BLE001 - Ray raises a bare Exception for a node that did not start
+            ray.shutdown()
+            if attempt == 2:
+                raise ReidError(f"the local Ray cluster did not start: {_last_line(e)}") from None
+            log.warning("the local Ray cluster did not start (%s); trying once more", _last_line(e))
 
 
 @contextmanager

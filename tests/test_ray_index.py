@@ -193,3 +193,29 @@ def test_cluster_addresses_on_this_machine_and_unreachable_ones():
         port = s.getsockname()[1]
     with pytest.raises(InputError, match=f"cannot reach the Ray cluster at ray://127.0.0.1:{port}"):
         check_reachable(f"ray://127.0.0.1:{port}", timeout=2)
+
+
+def test_a_local_cluster_that_misses_rays_start_up_window_is_tried_once_more(caplog):
+    from reid.distributed import start_local
+    from reid.errors import ReidError
+
+    class FakeRay:  # Ray's own failure: a bare Exception when the raylet does not register within 30 s
+        def __init__(self, failures):
+            self.failures, self.inits, self.shutdowns = failures, 0, 0
+
+        def init(self, **kwargs):
+            self.inits += 1
+            assert kwargs["_node_ip_address"] == "127.0.0.1"
+            if self.inits <= self.failures:
+                raise Exception("The current node timed out during startup.")
+
+        def shutdown(self):
+            self.shutdowns += 1
+
+    once = FakeRay(failures=1)
+    start_local(once, num_cpus=1)
+    assert (once.inits, once.shutdowns) == (2, 1) and "trying once more" in caplog.text
+    never = FakeRay(failures=2)
+    with pytest.raises(ReidError, match="^the local Ray cluster did not start: The current node timed out"):
+        start_local(never, num_cpus=1)
+    assert (never.inits, never.shutdowns) == (2, 2)
