@@ -358,12 +358,9 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
             rng = np.random.default_rng([config.seed, epoch])
             batches = _batches(clusters.labels, config.batch_p, config.batch_k, rng)
             model.train()
-            if maps is None:
-                losses = _train_epoch_images(model, crops, memory, optimizer, batches, rng, config.seed, dev,
-                                             progress, epoch)
-            else:
-                losses = _train_epoch(model, maps, memory, optimizer, batches, rng, n, config.views, dev, progress,
-                                      epoch)
+            features = (_fresh_views(model, crops, rng, config.seed, dev) if maps is None
+                        else _cached_views(model, maps, rng, n, config.views, dev))
+            losses = _train_epoch(model, features, memory, optimizer, batches, dev, progress, epoch)
             model.eval()
             record.update(loss=round(float(np.mean(losses)), 4), steps=len(batches), proxies=len(memory))
         else:
@@ -399,39 +396,34 @@ def _what_trains(model, crops: list[np.ndarray], config: AdaptConfig, cache: Pat
     return maps, crops, [p for p in model.head_parameters() if p.requires_grad]
 
 
-def _train_epoch(model, maps, memory, optimizer, batches, rng, n: int, views: int, dev, progress, epoch: int
-                 ) -> list[float]:
-    """One epoch of P x K batches: a random cached view of each crop, contrast against the proxies."""
-    losses = []
-    for step, idx in enumerate(batches):
-        rows = idx + n * rng.integers(0, views, size=len(idx))
-        fa, fb = maps.batch(rows, dev)
-        f = F.normalize(model.bnneck(model.head_from_streams(fa, fb).features), dim=1)
-        index = torch.as_tensor(idx, device=dev)
-        loss = memory.loss(f, index)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        optimizer.step()
-        memory.update(f, index)
-        losses.append(loss.item())
-        if progress is not None:
-            progress(f"epoch {epoch + 1}", step + 1, len(batches))
-    return losses
+def _cached_views(model, maps, rng, n: int, views: int, dev) -> Callable[[np.ndarray], torch.Tensor]:
+    """Head-only: the pre-BN features of a random cached view of each crop of a batch."""
+    def features(idx: np.ndarray) -> torch.Tensor:
+        fa, fb = maps.batch(idx + n * rng.integers(0, views, size=len(idx)), dev)
+        return model.head_from_streams(fa, fb).features
+    return features
 
 
-def _train_epoch_images(model, crops, memory, optimizer, batches, rng, seed: int, dev, progress, epoch: int
-                        ) -> list[float]:
-    """``_train_epoch`` with the streams trained too: each step embeds fresh augmented views of its crops
-    (already at the model's input size) through the whole network."""
+def _fresh_views(model, crops, rng, seed: int, dev) -> Callable[[np.ndarray], torch.Tensor]:
+    """Fine-tuning: the pre-BN features of a fresh augmented view of each crop of a batch (crops already at the
+    model's input size) through the whole network."""
     from reid.embed import to_model_input
 
     size = tuple(model.config.input_size)
-    losses = []
-    for step, idx in enumerate(batches):
+
+    def features(idx: np.ndarray) -> torch.Tensor:
         views = rng.integers(1, 2**31 - 1, size=len(idx))  # a new augmentation every time (view 0 is the crop)
         x = np.stack([_view(crops[i], int(v), seed, size) for i, v in zip(idx, views, strict=True)])
-        out = model.forward_train(to_model_input(torch.from_numpy(x)).to(dev))
-        f = F.normalize(model.bnneck(out.features), dim=1)
+        return model.forward_train(to_model_input(torch.from_numpy(x)).to(dev)).features
+    return features
+
+
+def _train_epoch(model, features: Callable[[np.ndarray], torch.Tensor], memory, optimizer, batches, dev, progress,
+                 epoch: int) -> list[float]:
+    """One epoch of P x K batches: ``features(idx)`` of each batch, contrast against the proxies."""
+    losses = []
+    for step, idx in enumerate(batches):
+        f = F.normalize(model.bnneck(features(idx)), dim=1)
         index = torch.as_tensor(idx, device=dev)
         loss = memory.loss(f, index)
         optimizer.zero_grad(set_to_none=True)
