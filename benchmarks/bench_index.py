@@ -125,7 +125,7 @@ def bench_index(work: Path, n_images: int, rounds: int, rows: list, runtimes: li
     embeds with on a CPU)."""
     from reid import engine
     from reid.embed import embed_arrays, model_input_size
-    from reid.images import decode_image, preprocess, resize_crop
+    from reid.images import decode_image, resize_crop, to_unit_float
     from reid.index import index_folder
     from reid.model import build_model, model_fingerprint
     from reid.model.identity import ModelRef
@@ -135,8 +135,8 @@ def bench_index(work: Path, n_images: int, rounds: int, rows: list, runtimes: li
     model = build_model()
     fp = model_fingerprint(model)
     size = model_input_size(model)
-    batch = np.stack([preprocess(decode_image(p), size) for p in paths])
     crops = np.stack([resize_crop(decode_image(p), size) for p in paths])  # uint8, what the exports take
+    batch = np.stack([to_unit_float(c) for c in crops])  # float, what embed_arrays takes (``preprocess``'s numbers)
     embedders = {"torch": model}
     for rt in runtimes:
         if rt != "torch":
