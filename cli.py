@@ -95,7 +95,7 @@ _OPTIONS = {
     "`eval_every=0`": "--eval-every 0", "`eval_every`": "--eval-every",
     "`model_config`": "--input-size / --stream-a / --stream-b",
     # adapt
-    "`eps`": "--eps", "`views`": "--views", "`min_samples`": "--min-samples",
+    "`eps`": "--eps", "`views`": "--views", "`min_samples`": "--min-samples", "`k1`": "--k1",
     # index --ray
     "`ray`": "--ray",
 }
@@ -650,6 +650,8 @@ def adapt_cmd(
     epochs: int | None = typer.Option(None, "--epochs", min=1, help="Epochs of re-clustering + training [12]."),
     eps: float | None = typer.Option(None, "--eps", help="DBSCAN radius on Jaccard distances [0.6]."),
     min_samples: int | None = typer.Option(None, "--min-samples", min=1, help="Crops that make a cluster [4]."),
+    k1: int | None = typer.Option(None, "--k1", min=1, help="Neighbours of the k-reciprocal Jaccard distances [30]; "
+                                  "about the crops one person has in the gallery."),
     views: int | None = typer.Option(None, "--views", min=1, help="Cached views per crop, the clean one included [4]."),
     camera_aware: bool | None = typer.Option(
         None, "--camera-aware/--no-camera-aware",
@@ -668,7 +670,7 @@ def adapt_cmd(
     from reid.console import adapt_progress
     from reid.train.adapt import AdaptConfig, adapt
 
-    changes = {k: v for k, v in dict(epochs=epochs, eps=eps, min_samples=min_samples, views=views,
+    changes = {k: v for k, v in dict(epochs=epochs, eps=eps, min_samples=min_samples, k1=k1, views=views,
                                      camera_aware=camera_aware, centre_cameras=camera_aware, seed=seed,
                                      fine_tune=fine_tune or None).items() if v is not None}
     config = dataclasses.replace(AdaptConfig(), **changes)
@@ -690,7 +692,7 @@ def adapt_cmd(
                 else "is the model as it came in")
         out.print(f"stopped after epoch {result.epochs_done}: its {last.get('clusters')} clusters (the largest of "
                   f"{last.get('largest')} of {result.crops} crops) gave nothing to learn, and later epochs would find "
-                  f"the same; try a smaller --eps. {result.checkpoint} {kept}", highlight=False)
+                  f"the same; try a smaller --eps or --k1. {result.checkpoint} {kept}", highlight=False)
         return
     out.print(f"adapted to {result.crops} crops over {result.epochs_done} epochs: {last.get('clusters')} clusters, "
               f"{last.get('outliers')} outliers; use it with --weights {result.checkpoint}", highlight=False)

@@ -205,10 +205,15 @@ def test_adapt_command_one_line_errors_and_json(gallery, tiny_ckpt, tmp_path):
     bad = runner.invoke(app, ["adapt", str(tmp_path / "empty"), "--out", str(tmp_path / "r0")])
     assert bad.exit_code == 1 and bad.output.count("\n") == 1 and bad.output.startswith("error:")
     ok = runner.invoke(app, ["adapt", str(gallery), "--out", str(tmp_path / "r1"), "--weights", str(tiny_ckpt),
-                             "--epochs", "1", "--views", "2", "--min-samples", "2", "--device", "cpu", "--json"])
+                             "--epochs", "1", "--views", "2", "--min-samples", "2", "--k1", "6", "--device", "cpu",
+                             "--json"])
     assert ok.exit_code == 0, ok.output
     doc = json.loads(ok.stdout.strip().splitlines()[-1])
     assert doc["epochs_done"] == 1 and doc["crops"] == 36 and doc["checkpoint"].endswith("last")
+    # --k1 is part of the run's settings: the same folder with another k1 is another run, refused in one line
+    other = runner.invoke(app, ["adapt", str(gallery), "--out", str(tmp_path / "r1"), "--weights", str(tiny_ckpt),
+                                "--epochs", "1", "--views", "2", "--min-samples", "2", "--k1", "7", "--device", "cpu"])
+    assert other.exit_code == 1 and other.output.count("\n") == 1, other.output
 
 
 def test_clustering_settings_are_the_configs():
