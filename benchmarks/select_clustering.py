@@ -76,13 +76,11 @@ def main(argv: list[str] | None = None) -> None:
                              [int(x) for x in args.k1.split(",")], [int(x) for x in args.min_samples.split(",")])
     for centred, eps, k1, min_samples in grid:
         c = cluster_features(feats, eps=eps, k1=k1, min_samples=min_samples, cameras=cams if centred else None)
-        labels = c.labels
-        prec, rec = pair_scores(labels, truth)
-        ari = adjusted_rand_score(truth[labels >= 0], labels[labels >= 0]) if (labels >= 0).any() else 0.0
-        kept = labels[labels >= 0]
-        largest = np.bincount(kept).max() / len(labels) if len(kept) else 0.0
+        prec, rec = pair_scores(c.labels, truth)
+        kept = c.labels >= 0
+        ari = adjusted_rand_score(truth[kept], c.labels[kept]) if c.num_clusters else 0.0
         print(f"{'yes' if centred else 'no':>7s} {eps:4.2f} {k1:3d} {min_samples:3d} | {prec:5.2f} {rec:6.2f} "
-              f"{ari:5.2f} | {len(set(kept.tolist())):8d} {int((labels < 0).sum()):8d} {largest:7.2f}", flush=True)
+              f"{ari:5.2f} | {c.num_clusters:8d} {c.num_outliers:8d} {c.largest / len(c.labels):7.2f}", flush=True)
 
 
 if __name__ == "__main__":

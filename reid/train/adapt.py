@@ -350,7 +350,7 @@ def adapt(gallery: str | os.PathLike, out: str | os.PathLike, *, weights: str | 
                                   "outliers": clusters.num_outliers, "eps": round(clusters.eps, 4),
                                   "loss": None, "steps": 0,
                                   "cluster_seconds": round(time.perf_counter() - t0, 2)}
-        largest = int(np.bincount(clusters.labels[clusters.labels >= 0]).max()) if clusters.num_clusters else 0
+        largest = clusters.largest
         record["largest"] = largest
         if clusters.num_clusters >= 2 and largest <= MAX_CLUSTER_SHARE * n:
             memory = ProxyMemory(feats, clusters, cameras, temperature=config.temperature, momentum=config.momentum,

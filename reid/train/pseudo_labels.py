@@ -43,6 +43,11 @@ class Clusters:
         """Crops left out of this epoch."""
         return int((self.labels < 0).sum())
 
+    @property
+    def largest(self) -> int:
+        """Crops in the largest cluster (0 without clusters)."""
+        return int(np.bincount(self.labels[self.labels >= 0]).max()) if self.num_clusters else 0
+
 
 RHO = 1.6e-3  # share of the closest pairs whose mean distance is the automatic DBSCAN radius
 
