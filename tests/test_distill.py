@@ -10,7 +10,8 @@ import torch
 
 from reid.errors import InputError
 from reid.model import ModelConfig, build_model, model_fingerprint
-from reid.train.distill import DistillConfig, distill, head_state, relational_kl
+from reid.train.distill import (DistillConfig, distill, head_state, relational_kl, save_head,
+                                within_camera_map)
 from reid.train.stream_cache import (compute_stream_maps, embed_from_streams, embed_maps, open_stream_maps,
                                      streams_fingerprint)
 
@@ -129,6 +130,16 @@ def tiny_run(tmp_path_factory):
     return cache, distill(TINY, cache=cache, config=SMALL)
 
 
+def test_within_camera_map_ranks_each_crop_against_its_own_camera_only():
+    deg = np.radians([0, 90, 10, 100, 0, 50])
+    feats = np.stack([np.cos(deg), np.sin(deg)], 1) * np.array([[1], [2], [1], [3], [1], [1]])  # scale is ignored
+    pids = np.array([1, 1, 2, 2, 1, 3])
+    cams = np.array([1, 1, 1, 1, 2, 2])  # camera 2: person 1's crop has no mate there, person 3 is alone
+    # crop 0 ranks 2, 1, 3 (its mate 2nd: AP 1/2); crop 1: 3, 2, 0 (1/3); crop 2: 0, 1, 3 (1/3); crop 3: 1, 2, 0 (1/2)
+    assert within_camera_map(feats, pids, cams) == pytest.approx((1 / 2 + 1 / 3 + 1 / 3 + 1 / 2) / 4)
+    assert within_camera_map(np.repeat(np.eye(2), 2, axis=0), np.array([1, 1, 2, 2]), np.ones(4, int)) == 1.0
+
+
 def test_tiny_distillation_lowers_its_loss_and_reports_figures(tiny_run):
     _, (model, report) = tiny_run
     pooled = [h for h in report["history"] if h["stage"] == "pooled"]
@@ -138,7 +149,7 @@ def test_tiny_distillation_lowers_its_loss_and_reports_figures(tiny_run):
     assert last["loss"] < first["loss"] and last["cos"] < first["cos"], (first, last)
     assert {"stream A pooled", "streams A+B pooled", "teacher", "seeded head", "trained head"} <= set(report["figures"])
     for fig in report["figures"].values():
-        assert 0 <= fig["mAP"] <= 1 and 0 <= fig["knn_natural"] <= 1
+        assert 0 <= fig["mAP"] <= 1 and 0 <= fig["knn_natural"] <= 1 and 0 <= fig["within_camera_mAP"] <= 1
     assert report["figures"]["teacher"]["knn_natural"] == 1.0
     assert not model.training
     assert set(head_state(model)) == {k for k in model.state_dict() if not k.startswith(("stream_a.", "stream_b."))}
@@ -151,6 +162,17 @@ def test_tiny_distillation_is_deterministic_for_its_seed(tiny_run):
     assert all(torch.equal(a[k], b[k]) for k in a)
     other, _ = distill(TINY.replace(seed=1), cache=cache / "other", config=SMALL)
     assert not torch.equal(head_state(other)["fc.weight"], a["fc.weight"])
+
+
+def test_saved_head_records_its_recipe_fingerprint_and_environment(tiny_run, tmp_path):
+    _, (model, report) = tiny_run
+    path = save_head(model, report, tmp_path / "weights", "python -m reid.train.distill --out weights")
+    doc = json.loads(path.with_suffix(".json").read_text())
+    assert doc["fingerprint"] == model_fingerprint(model) and doc["bytes"] == path.stat().st_size
+    assert doc["recipe"] == TINY.to_dict() and doc["figures"] == report["figures"]
+    env = doc["environment"]
+    assert env["numpy"] == np.__version__ and env["torch"].split("+")[0] == torch.__version__.split("+")[0]
+    assert env["torch_cpu_capability"] and env["cpu"] is not None
 
 
 # --- the shipped head -----------------------------------------------------------------------------
