@@ -252,16 +252,22 @@ def exported_runtime(runtime: str) -> str:
 CHOICE_FILE = "auto.json"  # in the model's export cache slot: bulk_runtime's measurements, per machine
 
 
+def cpu_model() -> str:
+    """The CPU's model name (Linux: /proc/cpuinfo), else what ``platform`` knows of it."""
+    cpu = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError, StopIteration):
+        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                   if line.startswith("model name"))
+    return cpu
+
+
 def _machine(threads: int) -> str:
     """What a runtime measurement holds for: the CPU, its cores, the threads and the runtimes' versions."""
     import torch
 
     from importlib import metadata
 
-    cpu = platform.processor() or platform.machine()
-    with contextlib.suppress(OSError, StopIteration):
-        cpu = next(line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                   if line.startswith("model name"))
+    cpu = cpu_model()
     versions = [f"torch {torch.__version__}"]
     for name in ("onnxruntime", "openvino"):
         with contextlib.suppress(metadata.PackageNotFoundError):

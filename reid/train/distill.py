@@ -819,18 +819,15 @@ def environment() -> dict[str, str]:
     import platform
     from importlib.metadata import PackageNotFoundError, version
 
+    from reid.engine import cpu_model
+
     out = {"python": platform.python_version(), "machine": platform.machine()}
     for name in ("torch", "torchvision", "numpy", "opencv-python", "scikit-image", "pillow"):
         try:
             out[name] = version(name)
         except PackageNotFoundError:
             out[name] = "absent"
-    try:
-        names = [ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                 if ln.startswith("model name")]
-        out["cpu"] = names[0] if names else platform.processor()
-    except OSError:
-        out["cpu"] = platform.processor()
+    out["cpu"] = cpu_model()
     out["torch_cpu_capability"] = torch.backends.cpu.get_cpu_capability()  # the kernels torch picked (AVX512, ...)
     return out
 
