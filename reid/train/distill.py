@@ -632,22 +632,21 @@ def instance_retrieval(feats: np.ndarray) -> float:
 
 def within_camera_map(feats: np.ndarray, pids: np.ndarray, camids: np.ndarray) -> float:
     """mAP of finding a crop's other views in its own camera: every crop of a known person with another
-    crop of that person in its camera queries the rest of that camera (distractors included). The single
-    fixed camera of an analyst's footage, which the Market protocol's cross-camera matches leave out."""
-    f = feats / np.maximum(np.linalg.norm(feats, axis=1, keepdims=True), 1e-12)
+    crop of that person in its camera queries the rest of that camera (distractors included, junk ignored
+    as in the Market protocol). The single fixed camera of an analyst's footage, which the Market
+    protocol's cross-camera matches leave out."""
+    from reid.evaluation import evaluate_features
+
     aps = []
     for cam in np.unique(camids):
         idx = np.flatnonzero(camids == cam)
-        sims = f[idx] @ f[idx].T
-        for row, i in enumerate(idx):
-            others = np.arange(len(idx)) != row
-            relevant = (pids[idx] == pids[i]) & others
-            if pids[i] <= 0 or not relevant.any():
-                continue
-            hits = relevant[others][np.argsort(-sims[row][others], kind="stable")]
-            ranks = np.flatnonzero(hits) + 1
-            aps.append(float(np.mean(np.arange(1, len(ranks) + 1) / ranks)))
-    return float(np.mean(aps)) if aps else 0.0
+        _, inverse, counts = np.unique(pids[idx], return_inverse=True, return_counts=True)
+        queries = np.flatnonzero((pids[idx] > 0) & (counts[inverse] > 1))
+        if len(queries):
+            own = np.arange(len(idx))  # each crop its own "camera": the protocol then sets aside only the query
+            r = evaluate_features(feats[idx[queries]], feats[idx], pids[idx[queries]], pids[idx], own[queries], own)
+            aps.append(r.query_ap)
+    return float(np.mean(np.concatenate(aps))) if aps else 0.0
 
 
 def score(feats: np.ndarray, natural_feats: np.ndarray, h: HeldOut, teacher: Teacher) -> dict[str, float]:
