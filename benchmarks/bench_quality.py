@@ -54,10 +54,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from vtest_tracklets import DEFAULT_DATA, TrackletSet, build_tracklets  # noqa: E402
 
 from reid.images import decode_image, resize_crop  # noqa: E402
-try:  # the layout of "One room per job"; reid.metrics before it
-    from reid.evaluation import evaluate_features  # noqa: E402
-except ImportError:  # pragma: no cover
-    from reid.metrics import evaluate_features  # noqa: E402
+from reid.evaluation import evaluate_features  # noqa: E402
 
 INPUT_SIZE = (256, 128)
 Features = Callable[[Sequence[np.ndarray]], np.ndarray]

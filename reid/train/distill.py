@@ -601,10 +601,8 @@ def held_out(model: nn.Module, cfg: DistillConfig, cache: Path | None, scratch: 
 
 
 def _evaluate_features(feats: np.ndarray, h: HeldOut) -> dict[str, float]:
-    try:
-        from reid.evaluation import evaluate_features
-    except ImportError:  # before the move of reid.metrics
-        from reid.metrics import evaluate_features
+    from reid.evaluation import evaluate_features
+
     q = slice(0, h.num_query)
     g = slice(h.num_query, None)
     r = evaluate_features(feats[q], feats[g], h.pids[q], h.pids[g], h.camids[q], h.camids[g])
