@@ -33,7 +33,7 @@ searched (query + gallery, as an analyst adapts to the footage searched), and ``
 training crops with the labels.
 
     OMP_NUM_THREADS=2 python benchmarks/bench_quality.py [--data DIR] [--stride N] [--adapt-epochs N]
-        [--synthetic-ids N] [--train-epochs N] [--skip-vtest] [--footage-adapt] [--fine-tune]
+        [--synthetic-ids N] [--train-epochs N] [--skip-vtest] [--footage-adapt] [--fine-tune] [--head FILE]
 """
 
 from __future__ import annotations
@@ -125,6 +125,17 @@ def rows(model: torch.nn.Module, extra: Sequence[tuple[str, torch.nn.Module]] = 
     ]
 
 
+def head_model(path: Path) -> torch.nn.Module:
+    """The default network with the head in ``path`` instead of the shipped one (a candidate from
+    ``reid.train.distill``, compared with the shipped head in the same run)."""
+    from reid.model import build_model
+    from reid.model.net import load_default_head
+
+    model = build_model(trained_head=False)
+    load_default_head(model, path)
+    return model.eval()
+
+
 def adapt_to(folder: Path, out: Path, epochs: int, camera_aware: bool, fine_tune: bool = False) -> torch.nn.Module:
     """``reid adapt`` from the default model on every crop under ``folder``, labels hidden; a finished run
     in ``out`` is reused."""
@@ -204,7 +215,7 @@ def evaluate(ts: TrackletSet, model: torch.nn.Module,
 
 
 def synthetic_market(work: Path, model: torch.nn.Module, *, ids: int, adapt_epochs: int, train_epochs: int,
-                     fine_tune: bool = False) -> None:
+                     fine_tune: bool = False, heads: Sequence[tuple[str, torch.nn.Module]] = ()) -> None:
     """The second table: a synthetic Market-1501 (``reid.synthetic``, its own world seed), every row on its
     query x gallery; ``reid adapt`` on the training crops with their labels hidden (cameras from the names:
     camera-aware proxies), ``reid train`` on them with labels and the default recipe."""
@@ -219,7 +230,7 @@ def synthetic_market(work: Path, model: torch.nn.Module, *, ids: int, adapt_epoc
                          images_per_cam=2, seed=11)
         (root / ".done").touch()
     ds = load("market1501", root)
-    extra = []
+    extra = list(heads)
     if adapt_epochs:
         train_dir = Path(ds.train[0].path).parent
         extra.append((f"+ reid adapt on train ({adapt_epochs} ep)",
@@ -273,6 +284,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--fine-tune", action="store_true",
                         help="also `reid adapt --fine-tune` (streams trained) on the synthetic table's searched crops "
                              "and, with --footage-adapt, on the vtest index")
+    parser.add_argument("--head", type=Path, action="append", default=[],
+                        help="also a row for the default network with this head file (a default_head.safetensors "
+                             "that `python -m reid.train.distill --out DIR` wrote); repeatable")
     parser.add_argument("--footage-adapt", action="store_true",
                         help="also a row adapted on `reid index vtest.avi --stride 2` (tracklets as must-links)")
     args = parser.parse_args(argv)
@@ -284,11 +298,12 @@ def main(argv: list[str] | None = None) -> None:
     from reid.model import build_model
 
     model = build_model()
+    args.heads = [(f"head {p.parent.name}"[:40], head_model(p)) for p in args.head]
     if not args.skip_vtest:
         vtest_table(args, model)
     if args.synthetic_ids:
         synthetic_market(args.work, model, ids=args.synthetic_ids, adapt_epochs=args.adapt_epochs,
-                         train_epochs=args.train_epochs, fine_tune=args.fine_tune)
+                         train_epochs=args.train_epochs, fine_tune=args.fine_tune, heads=args.heads)
     print(f"\ntotal {time.perf_counter() - t0:.1f} s")
 
 
@@ -314,7 +329,7 @@ def vtest_table(args: argparse.Namespace, model: torch.nn.Module) -> None:
         if args.fine_tune:
             extra.append((f"+ adapt --fine-tune on its index ({args.adapt_epochs})",
                           adapt_on_index(Path(args.data), Path(s["video"]), args.adapt_epochs, fine_tune=True)))
-    results = evaluate(ts, model, extra)
+    results = evaluate(ts, model, [*args.heads, *extra])
     co, al = results[0]["co"], results[0]["all"]
     print(f"\nA: each query track against the tracks on screen with it (certain negatives; {co['valid']} queries, "
           f"{co['gallery']:.0f} gallery crops each on average)\nB: against the gallery crops of all identities "

@@ -8,8 +8,9 @@ import numpy as np
 import pytest
 import torch
 
-from reid.errors import InputError
+from reid.errors import CheckpointError, InputError
 from reid.model import ModelConfig, build_model, model_fingerprint
+from reid.model.net import load_default_head
 from reid.train.distill import (DistillConfig, distill, head_state, relational_kl, save_head,
                                 within_camera_map)
 from reid.train.stream_cache import (compute_stream_maps, embed_from_streams, embed_maps, open_stream_maps,
@@ -173,6 +174,11 @@ def test_saved_head_records_its_recipe_fingerprint_and_environment(tiny_run, tmp
     env = doc["environment"]
     assert env["numpy"] == np.__version__ and env["torch"].split("+")[0] == torch.__version__.split("+")[0]
     assert env["torch_cpu_capability"] and env["cpu"] is not None
+    fresh = build_model(SMALL, trained_head=False)  # what bench_quality.py --head FILE does with a candidate
+    load_default_head(fresh, path)
+    assert model_fingerprint(fresh) == model_fingerprint(model)
+    with pytest.raises(CheckpointError, match="does not match"):
+        load_default_head(build_model(SMALL.replace(embed_dim=16), trained_head=False), path)
 
 
 # --- the shipped head -----------------------------------------------------------------------------

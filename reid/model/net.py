@@ -14,6 +14,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+from pathlib import Path
 from dataclasses import dataclass
 from typing import Any, NamedTuple
 from collections.abc import Iterator, Mapping
@@ -368,13 +369,14 @@ def uses_default_head(config: ModelConfig, *, pretrained: bool) -> bool:
     return pretrained and config.replace(num_classes=0) == ModelConfig()
 
 
-def load_default_head(model: AttentionBilinearNet) -> None:
-    """Load the shipped head into a default-config model: every tensor after the streams, every key matched
-    (a training classifier, which the shipped head has none of, keeps its seeded start)."""
+def load_default_head(model: AttentionBilinearNet, path=None) -> None:
+    """Load the shipped head (or ``path``, a head file ``reid.train.distill`` wrote) into a default-config
+    model: every tensor after the streams, every key matched (a training classifier, which the shipped head
+    has none of, keeps its seeded start)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = default_head_path()
+    path = default_head_path() if path is None else Path(path)
     try:
         state = load(path.read_bytes())
     except (OSError, SafetensorError, ValueError) as e:
