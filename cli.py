@@ -147,6 +147,8 @@ def command(*args, read_only: bool = False, **kwargs):
                 err.print("[yellow]interrupted[/]")
                 raise typer.Exit(130) from None
 
+        if fn.__doc__ and "short_help" not in kwargs:  # the command list shows the first paragraph as one line
+            kwargs["short_help"] = " ".join(fn.__doc__.split("\n\n")[0].split())
         return app.command(*args, **kwargs)(wrapper)
 
     return decorate

@@ -38,3 +38,14 @@ def test_reid_model_bad_weights_is_one_line_error(tmp_path):
     result = runner.invoke(cli.app, ["model", "--weights", str(tmp_path / "bad.pt")])
     assert result.exit_code == 1
     assert "error:" in result.output and "Traceback" not in result.output
+
+
+def test_command_list_gives_each_command_its_summary_on_one_line():
+    result = runner.invoke(cli.app, ["--help"], env={"COLUMNS": "400"})
+    assert result.exit_code == 0, result.output
+    rows = [line for line in result.output.splitlines() if line.startswith("│ ")]
+    lines = {line.strip(" │").split(maxsplit=1)[0]: line for line in rows}
+    docs = {c.name: c.callback.__doc__ for c in cli.app.registered_commands}
+    for name in ("index", "query", "adapt", "train", "evaluate"):
+        summary = " ".join(docs[name].split("\n\n")[0].split())  # a docstring's first paragraph spans lines
+        assert summary in lines[name], (name, lines.get(name))
