@@ -369,20 +369,22 @@ def uses_default_head(config: ModelConfig, *, pretrained: bool) -> bool:
     return pretrained and config.replace(num_classes=0) == ModelConfig()
 
 
-def load_default_head(model: AttentionBilinearNet, path=None) -> None:
+def load_default_head(model: AttentionBilinearNet, path: str | os.PathLike | None = None) -> None:
     """Load the shipped head (or ``path``, a head file ``reid.train.distill`` wrote) into a default-config
     model: every tensor after the streams, every key matched (a training classifier, which the shipped head
     has none of, keeps its seeded start)."""
     from safetensors import SafetensorError
     from safetensors.torch import load
 
-    path = default_head_path() if path is None else Path(path)
+    shipped = path is None
+    path = default_head_path() if shipped else Path(path)
     try:
         state = load(path.read_bytes())
     except (OSError, SafetensorError, ValueError) as e:
+        hint = ("reinstall reid, or rebuild it with `python -m reid.train.distill --out reid/model/weights`"
+                if shipped else "give a head file that `python -m reid.train.distill --out DIR` wrote")
         raise CheckpointError(f"the default network's trained head {path} is missing or unreadable ({e}); "
-                              f"reinstall reid, or rebuild it with `python -m reid.train.distill --out "
-                              f"reid/model/weights`") from e
+                              f"{hint}") from e
     expected = {k: v for k, v in model.state_dict().items()
                 if not k.startswith(("stream_a.", "stream_b.", "classifier."))}
     missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
